@@ -1,0 +1,11 @@
+"""fairseq-imitkd: knowledge distillation for fairseq seq2seq models.
+
+Load with ``fairseq-train --user-dir "$(imitkd-user-dir)"``. Importing the package registers the
+``distillation`` task, the KD criterions and the student architectures, and allow-lists what fairseq
+checkpoints need for torch's safe loading. Imports are relative so that fairseq can import this folder
+under its basename from a source checkout or from site-packages.
+"""
+from . import checkpoint_loading  # noqa: F401  (allow-list first: everything below may load checkpoints)
+from . import criterions, models, tasks  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+from . import word_kd  # noqa: F401

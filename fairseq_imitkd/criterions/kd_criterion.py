@@ -1,0 +1,62 @@
+"""What every distillation criterion shares: the teacher, the update counter and the KD metrics."""
+import math
+
+from fairseq import utils
+from fairseq.criterions import FairseqCriterion
+from fairseq.logging import metrics
+
+from ..tasks.distillation import DistillationTask
+
+
+def check_range(name: str, value: float, low: float, high: float, low_open=False, high_open=False) -> None:
+    """Raise a ValueError naming the flag when ``value`` is outside its range."""
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"--{name} must be in {lo}{low}, {high}{hi}, got {value}")
+
+
+class KDCriterion(FairseqCriterion):
+    """Base class: needs the ``distillation`` task, sees ``update_num``, logs KD metrics.
+
+    Logging outputs (all plain sums, so they add up across workers): ``loss``, ``nll_loss`` and
+    ``ntokens`` as in fairseq; ``kd_loss`` summed over ``n_scored`` positions; ``n_agree``, the
+    positions where the student's argmax equals the teacher's.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, task):
+        super().__init__(task)
+        if not isinstance(task, DistillationTask):
+            raise ValueError(
+                f"criterion {type(self).__name__} needs the teacher of --task distillation, "
+                f"not --task {getattr(task.cfg, '_name', type(task).__name__)}"
+            )
+        self.update_num = 0
+
+    def set_update_num(self, update_num: int) -> None:
+        """Called by ``DistillationTask.train_step`` before every forward pass."""
+        self.update_num = update_num
+
+    def teacher_for(self, model):
+        return self.task.teacher(next(model.parameters()).device)
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        total = lambda key: sum(log.get(key, 0) for log in logging_outputs)  # noqa: E731
+        sample_size = total("sample_size")
+        ntokens = total("ntokens")
+        n_scored = total("n_scored")
+        metrics.log_scalar("loss", total("loss") / max(sample_size, 1) / math.log(2), sample_size, round=3)
+        if any("nll_loss" in log for log in logging_outputs):
+            metrics.log_scalar("nll_loss", total("nll_loss") / max(ntokens, 1) / math.log(2), ntokens, round=3)
+            metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
+        if n_scored > 0:
+            metrics.log_scalar("kd_loss", total("kd_loss") / n_scored / math.log(2), n_scored, round=3)
+            metrics.log_scalar("kd_agree", total("n_agree") / n_scored, n_scored, round=4)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

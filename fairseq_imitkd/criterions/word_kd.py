@@ -1,0 +1,63 @@
+"""Word-level knowledge distillation (Hinton et al. 2015; Kim & Rush 2016) on gold prefixes."""
+from dataclasses import dataclass, field
+
+from fairseq.criterions import register_criterion
+from fairseq.dataclass import FairseqDataclass
+from omegaconf import II
+
+from ..losses import agreement, word_kd_loss
+from .kd_criterion import KDCriterion, check_range
+
+
+@dataclass
+class WordKDConfig(FairseqDataclass):
+    kd_alpha: float = field(
+        default=0.5, metadata={"help": "weight α of the KD term: (1-α)·NLL(gold) + α·KD, in [0, 1]"}
+    )
+    kd_temperature: float = field(
+        default=1.0, metadata={"help": "softmax temperature T > 0 of teacher and student in the KD term (scaled by T²)"}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "label smoothing ε of the gold NLL term, in [0, 1)"}
+    )
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+@register_criterion("word_kd", dataclass=WordKDConfig)
+class WordKDCriterion(KDCriterion):
+    """``(1-α)·LS-NLL(gold) + α·T²·CE(p_T ‖ p_S)`` at every non-pad gold position."""
+
+    def __init__(self, task, kd_alpha, kd_temperature, label_smoothing, sentence_avg):
+        super().__init__(task)
+        check_range("kd-alpha", kd_alpha, 0.0, 1.0)
+        check_range("kd-temperature", kd_temperature, 0.0, float("inf"), low_open=True, high_open=True)
+        check_range("label-smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+        self.alpha = kd_alpha
+        self.temperature = kd_temperature
+        self.eps = label_smoothing
+        self.sentence_avg = sentence_avg
+
+    def forward(self, model, sample, reduce=True):
+        net_input = sample["net_input"]
+        net_output = model(**net_input)
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        target = model.get_targets(sample, net_output)
+        mask = target.ne(self.padding_idx)
+        teacher_lprobs = self.teacher_for(model).log_probs(
+            net_input["src_tokens"], net_input["src_lengths"], net_input["prev_output_tokens"]
+        )
+        student, teacher = lprobs[mask], teacher_lprobs[mask]
+        loss, nll, kd = word_kd_loss(student, teacher, target[mask], self.alpha, self.temperature, self.eps)
+        n_scored = int(mask.sum())
+        sample_size = sample["target"].size(0) if self.sentence_avg else n_scored
+        logging_output = {
+            "loss": loss.data,
+            "nll_loss": nll.data,
+            "kd_loss": kd.data,
+            "n_agree": agreement(student, teacher).data,
+            "n_scored": n_scored,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
+        return loss, sample_size, logging_output

@@ -1,0 +1,73 @@
+"""Loss math for distillation, as pure functions of log-probabilities.
+
+Every function takes log-probabilities already restricted to the positions that are scored (shape
+``(N, V)``; callers drop padding first), so the same code serves gold prefixes (word-level KD) and
+student prefixes (ImitKD), and can be tested analytically without a model.
+
+Temperature: for ``lprobs = log_softmax(z)``, ``log_softmax(z / T) == log_softmax(lprobs / T)`` because
+the normaliser is a constant shift. Losses therefore accept T=1 log-probs and apply T themselves.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from torch import Tensor
+
+
+def _tempered(lprobs: Tensor, temperature: float) -> Tensor:
+    if temperature == 1.0:
+        return lprobs
+    return F.log_softmax(lprobs / temperature, dim=-1)
+
+
+def soft_cross_entropy(student_lprobs: Tensor, teacher_lprobs: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-position ``-Σ_v p_T(v) log p_S(v)`` at temperature T, shape ``(N,)``.
+
+    This is the KD term of Hinton et al. / Kim & Rush: it equals KL(p_T‖p_S) plus the teacher's entropy,
+    which is constant for the student, so its gradient is the forward KL's.
+    """
+    s = _tempered(student_lprobs.float(), temperature)
+    t = _tempered(teacher_lprobs.float(), temperature).exp()
+    return -(t * s).sum(dim=-1)
+
+
+def hard_cross_entropy(student_lprobs: Tensor, target: Tensor) -> Tensor:
+    """Per-position ``-log p_S(target)``, shape ``(N,)``: ImitKD's loss against argmax targets."""
+    return -student_lprobs.float().gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def word_kd_loss(
+    student_lprobs: Tensor,
+    teacher_lprobs: Tensor,
+    target: Tensor,
+    alpha: float,
+    temperature: float = 1.0,
+    epsilon: float = 0.0,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Word-level KD: ``(1-α)·LS-NLL(gold) + α·T²·CE(p_T^T ‖ p_S^T)``, summed over the N positions.
+
+    Args:
+        student_lprobs, teacher_lprobs: ``(N, V)`` log-probabilities at T=1.
+        target: ``(N,)`` gold tokens.
+        alpha: weight of the KD term, in [0, 1].
+        temperature: softening temperature T > 0 for both distributions; the T² factor keeps the
+            gradient scale of the KD term independent of T.
+        epsilon: label smoothing of the gold term (fairseq's definition).
+
+    Returns:
+        ``(loss, nll_loss, kd_loss)``: the total, the plain gold NLL (for logging) and the un-weighted
+        KD cross-entropy at temperature T (for logging), each a scalar sum.
+    """
+    smoothed, nll = label_smoothed_nll_loss(student_lprobs.float(), target, epsilon, reduce=True)
+    kd = soft_cross_entropy(student_lprobs, teacher_lprobs, temperature).sum()
+    if alpha == 0.0:  # keep the gold-only loss bit-exact with label_smoothed_cross_entropy
+        loss = smoothed
+    else:
+        loss = (1.0 - alpha) * smoothed + alpha * (temperature**2) * kd
+    return loss, nll, kd
+
+
+def agreement(student_lprobs: Tensor, teacher_lprobs: Tensor) -> Tensor:
+    """Number of positions where the student's argmax equals the teacher's (a scalar count)."""
+    return (student_lprobs.argmax(-1) == teacher_lprobs.argmax(-1)).sum()

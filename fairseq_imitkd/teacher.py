@@ -1,0 +1,189 @@
+"""The frozen teacher: where its dictionaries come from, how it is checked, loaded and run.
+
+fairseq checkpoints hold no dictionaries: a model is rebuilt from whatever ``dict.*.txt`` its task
+finds in the data directory. Loading a teacher with the student's data directory would therefore
+silently give it the student's vocabulary, and a same-size vocabulary in another order would train
+the student on garbage with no error. So the teacher's dictionaries are read from the teacher's own
+data directory and compared with the student's symbol by symbol.
+"""
+import logging
+import math
+import os
+from typing import List, Optional, Sequence
+
+import torch
+from fairseq import checkpoint_utils, tasks, utils
+from fairseq.data import Dictionary
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherError(ValueError):
+    """A teacher checkpoint or its dictionaries cannot be used with this task."""
+
+
+def split_teacher_paths(teacher_path: Optional[str]) -> List[str]:
+    """``a.pt:b.pt`` -> ``["a.pt", "b.pt"]`` (an ensemble, as fairseq's ``--path``)."""
+    return [p for p in utils.split_paths(teacher_path or "") if p]
+
+
+def read_checkpoint_config(path: str):
+    """The ``(task, model)`` config sections of a checkpoint, without reading its weights into memory."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True)
+    except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
+        state = torch.load(path, map_location="cpu")
+    cfg = state.get("cfg")
+    if cfg is not None:
+        return cfg["task"], cfg["model"]
+    args = state.get("args")
+    if args is None:
+        raise TeacherError(f"teacher checkpoint {path} holds neither 'cfg' nor 'args': not a fairseq checkpoint")
+    return vars(args), vars(args)
+
+
+def _get(section, key):
+    """A key of a config section, whether a dict, a DictConfig or (legacy models) a Namespace."""
+    return section.get(key) if hasattr(section, "get") else getattr(section, key, None)
+
+
+def _has_dicts(directory: str, langs: Sequence[str]) -> bool:
+    return all(os.path.isfile(os.path.join(directory, f"dict.{lang}.txt")) for lang in langs)
+
+
+def resolve_teacher_data(path: str, teacher_data: Optional[str], langs: Sequence[str]) -> str:
+    """The directory that holds the teacher's own ``dict.{lang}.txt`` files.
+
+    Order: ``--teacher-data`` if given; else the data directory recorded in the checkpoint, if it
+    holds the dictionaries; else the checkpoint's own folder, if it holds them (a teacher shipped with
+    its dictionaries beside it). Anything else is an error naming what was tried.
+    """
+    names = ", ".join(f"dict.{lang}.txt" for lang in langs)
+    if teacher_data:
+        if not _has_dicts(teacher_data, langs):
+            raise TeacherError(f"--teacher-data {teacher_data} does not contain the teacher dictionaries {names}")
+        return teacher_data
+    task_cfg, _ = read_checkpoint_config(path)
+    recorded = _get(task_cfg, "data")
+    candidates = [utils.split_paths(recorded)[0]] if recorded else []
+    candidates.append(os.path.dirname(os.path.abspath(path)))
+    for candidate in candidates:
+        if _has_dicts(candidate, langs):
+            return candidate
+    raise TeacherError(
+        f"cannot find the teacher's dictionaries ({names}) for {path}: the data directory recorded in "
+        f"the checkpoint ({recorded!r}) and the checkpoint's folder do not hold them. Pass "
+        "--teacher-data DIR, the directory the teacher was trained with."
+    )
+
+
+def check_same_dictionary(role: str, task_dict: Dictionary, teacher_dict: Dictionary, where: str) -> None:
+    """Fail unless the two dictionaries hold the same symbols in the same order."""
+    if task_dict.symbols == teacher_dict.symbols:
+        return
+    n_task, n_teacher = len(task_dict), len(teacher_dict)
+    first = next(
+        (i for i, (a, b) in enumerate(zip(task_dict.symbols, teacher_dict.symbols)) if a != b),
+        min(n_task, n_teacher),
+    )
+    show = lambda d, i: repr(d.symbols[i]) if i < len(d) else "<end of dictionary>"  # noqa: E731
+    raise TeacherError(
+        f"{role} dictionary mismatch between the task ({n_task} symbols) and the teacher ({n_teacher} "
+        f"symbols, from {where}): first difference at index {first}: task {show(task_dict, first)}, "
+        f"teacher {show(teacher_dict, first)}. Binarize the student's data with the teacher's "
+        "dictionaries (fairseq-preprocess --srcdict/--tgtdict)."
+    )
+
+
+def check_embedding_rows(path: str, model_state: dict, src_dict: Dictionary, tgt_dict: Dictionary) -> None:
+    """The teacher's embedding/output matrices must have one row per dictionary symbol."""
+    checks = [
+        ("encoder.embed_tokens.weight", "source", src_dict),
+        ("decoder.embed_tokens.weight", "target", tgt_dict),
+        ("decoder.output_projection.weight", "target", tgt_dict),
+    ]
+    for key, role, dictionary in checks:
+        weight = model_state.get(key)
+        if weight is not None and weight.size(0) != len(dictionary):
+            raise TeacherError(
+                f"teacher {path}: {key} has {weight.size(0)} rows but its {role} dictionary has "
+                f"{len(dictionary)} symbols: the dictionaries given by --teacher-data are not the ones "
+                "this teacher was trained with"
+            )
+
+
+class Teacher:
+    """A frozen teacher (one model or an ensemble averaged in probability space).
+
+    Deliberately not an ``nn.Module`` and not an attribute of the student or the criterion: it must stay
+    out of checkpoints, out of the optimizer, out of DDP, and out of ``--fp16``'s halving of the student.
+    """
+
+    def __init__(self, models: List[torch.nn.Module], src_dict: Dictionary, tgt_dict: Dictionary):
+        self.models = models
+        self.src_dict = src_dict
+        self.tgt_dict = tgt_dict
+        for m in models:
+            m.requires_grad_(False)
+            m.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.models[0].parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.models[0].parameters()).dtype
+
+    def to(self, device=None, dtype=None) -> "Teacher":
+        for m in self.models:
+            m.to(device=device, dtype=dtype)
+        return self
+
+    @torch.no_grad()
+    def log_probs(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor) -> Tensor:
+        """Teacher-forced next-token log-probabilities ``(B, T, V)`` in float32."""
+        out = []
+        for m in self.models:
+            net_output = m(src_tokens, src_lengths, prev_output_tokens)
+            out.append(m.get_normalized_probs(net_output, log_probs=True).float())
+        if len(out) == 1:
+            return out[0]
+        return torch.logsumexp(torch.stack(out), dim=0) - math.log(len(out))
+
+
+def load_teacher(
+    teacher_path: str,
+    teacher_data: Optional[str],
+    source_lang: str,
+    target_lang: str,
+    src_dict: Dictionary,
+    tgt_dict: Dictionary,
+) -> Teacher:
+    """Load, check and freeze the teacher(s) on CPU in float32; the caller moves it."""
+    paths = split_teacher_paths(teacher_path)
+    models = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise TeacherError(f"--teacher-path: no such file: {path}")
+        data = resolve_teacher_data(path, teacher_data, (source_lang, target_lang))
+        overrides = {"data": data, "source_lang": source_lang, "target_lang": target_lang}
+        state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides=overrides)
+        cfg = state["cfg"]
+        if _get(cfg.task, "_name") == "distillation":
+            cfg.task.teacher_path = None  # a distilled student as teacher must not chain-load its own teacher
+        if _get(cfg.task, "eval_bleu"):
+            cfg.task.eval_bleu = False  # the teacher needs no BLEU generator (nor its tokenizer)
+        teacher_task = tasks.setup_task(cfg.task)
+        check_same_dictionary("source", src_dict, teacher_task.source_dictionary, data)
+        check_same_dictionary("target", tgt_dict, teacher_task.target_dictionary, data)
+        check_embedding_rows(path, state["model"], teacher_task.source_dictionary, teacher_task.target_dictionary)
+        model = teacher_task.build_model(cfg.model, from_checkpoint=True)
+        model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+        logger.info(
+            "loaded teacher %s (%s, %d parameters, dictionaries from %s)",
+            path, _get(cfg.model, "arch"), sum(p.numel() for p in model.parameters()), data,
+        )
+        models.append(model)
+    return Teacher(models, src_dict, tgt_dict)

@@ -1,0 +1,29 @@
+"""fairseq-imitkd: knowledge distillation (word-level, sequence-level, ImitKD) as a fairseq plugin."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fairseq-imitkd",
+    version="0.1.0",
+    description="Distil autoregressive seq2seq teachers into small students inside fairseq "
+    "(word-level KD, sequence-level KD, ImitKD).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fairseq_imitkd", "fairseq_imitkd.*"]),
+    install_requires=[
+        # ve-fairseq is a build of fairseq main with wheels for Python 3.11/3.12 (see README:
+        # the official fairseq 0.12.2 neither installs with pip>=24.1 nor imports on Python>=3.11).
+        "ve-fairseq==0.12.3",
+        # A range, not a pin: an installed torch (CPU or CUDA) that satisfies it is kept as is.
+        "torch>=2.1",
+        "sacrebleu>=2.0",
+        "sentencepiece>=0.1.99",
+        "numpy>=1.21",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "imitkd-user-dir=fairseq_imitkd.cli.user_dir:main",
+        ],
+    },
+)
