@@ -15,6 +15,11 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from torch import Tensor
 
 
+def _full(x: Tensor) -> Tensor:
+    """Half-precision inputs (an fp16/bf16 student or teacher) are reduced in float32."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _tempered(lprobs: Tensor, temperature: float) -> Tensor:
     if temperature == 1.0:
         return lprobs
@@ -27,14 +32,14 @@ def soft_cross_entropy(student_lprobs: Tensor, teacher_lprobs: Tensor, temperatu
     This is the KD term of Hinton et al. / Kim & Rush: it equals KL(p_T‖p_S) plus the teacher's entropy,
     which is constant for the student, so its gradient is the forward KL's.
     """
-    s = _tempered(student_lprobs.float(), temperature)
-    t = _tempered(teacher_lprobs.float(), temperature).exp()
+    s = _tempered(_full(student_lprobs), temperature)
+    t = _tempered(_full(teacher_lprobs), temperature).exp()
     return -(t * s).sum(dim=-1)
 
 
 def hard_cross_entropy(student_lprobs: Tensor, target: Tensor) -> Tensor:
     """Per-position ``-log p_S(target)``, shape ``(N,)``: ImitKD's loss against argmax targets."""
-    return -student_lprobs.float().gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return -_full(student_lprobs).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
 def word_kd_loss(
@@ -59,7 +64,7 @@ def word_kd_loss(
         ``(loss, nll_loss, kd_loss)``: the total, the plain gold NLL (for logging) and the un-weighted
         KD cross-entropy at temperature T (for logging), each a scalar sum.
     """
-    smoothed, nll = label_smoothed_nll_loss(student_lprobs.float(), target, epsilon, reduce=True)
+    smoothed, nll = label_smoothed_nll_loss(_full(student_lprobs), target, epsilon, reduce=True)
     kd = soft_cross_entropy(student_lprobs, teacher_lprobs, temperature).sum()
     if alpha == 0.0:  # keep the gold-only loss bit-exact with label_smoothed_cross_entropy
         loss = smoothed

@@ -1,0 +1,231 @@
+"""Time incremental rollouts against re-running the decoder over the whole prefix at every step.
+
+Both decoders are greedy and forced to the same length (``--length`` tokens, final EOS included:
+EOS is forbidden before step ``length - 1`` and forced there, i.e. ``min_len = max_len_b = length - 1``).
+Forcing the length gives every row and both implementations exactly the same number of decoder
+steps, so the ratio measures the per-step cost of incremental decoding alone; with natural
+lengths it would also depend on where the model happens to stop and on dropping finished rows.
+
+A second, unforced measurement compares ``rollout`` with fairseq's ``SequenceGenerator`` at beam 1
+(the same tokens, checked) on natural lengths.
+
+Example::
+
+    OMP_NUM_THREADS=1 python benchmarks/rollout_speed.py --threads 1 \\
+        --out benchmarks/results/rollout_speed.json
+"""
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+logger = logging.getLogger("rollout_speed")
+
+DEFAULT_CHECKPOINT = "/work/shared/teachers/multi30k_de_en/checkpoint.pt"
+DEFAULT_TEXT = "/work/shared/data/multi30k"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--checkpoint", default=DEFAULT_CHECKPOINT, help="fairseq translation checkpoint (the model to roll out)"
+    )
+    p.add_argument("--dict-dir", default=None, help="folder with dict.{src,tgt}.txt (default: the checkpoint's folder)")
+    p.add_argument("--spm", default=None, help="sentencepiece model (default: spm.model beside the checkpoint)")
+    p.add_argument("--text-dir", default=DEFAULT_TEXT, help="raw Multi30k text folder")
+    p.add_argument("--split", default="val")
+    p.add_argument("--source-lang", default="de")
+    p.add_argument("--target-lang", default="en")
+    p.add_argument("--num-sentences", type=int, default=64, help="batch size: the first N sentences of --split")
+    p.add_argument("--length", type=int, default=50, help="forced rollout length, final EOS included")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per method (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per method first")
+    p.add_argument("--out", default="benchmarks/results/rollout_speed.json")
+    return p.parse_args(argv)
+
+
+def load_model(args):
+    from fairseq import checkpoint_utils
+
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    dict_dir = args.dict_dir or os.path.dirname(os.path.abspath(args.checkpoint))
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [args.checkpoint],
+        arg_overrides={"data": dict_dir, "source_lang": args.source_lang, "target_lang": args.target_lang},
+    )
+    return models[0].eval(), task
+
+
+def load_batch(args, task):
+    """The first ``--num-sentences`` sentences, sentencepiece-encoded and left-padded as fairseq does."""
+    import sentencepiece
+    from fairseq.data.data_utils import collate_tokens
+
+    spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "spm.model")
+    sp = sentencepiece.SentencePieceProcessor(model_file=spm_path)
+    path = os.path.join(args.text_dir, f"{args.split}.{args.source_lang}")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for _, line in zip(range(args.num_sentences), f)]
+    d = task.source_dictionary
+    seqs = [
+        d.encode_line(" ".join(sp.encode(line, out_type=str)), add_if_not_exist=False, append_eos=True).long()
+        for line in lines
+    ]
+    return collate_tokens(seqs, d.pad(), d.eos(), left_pad=True), torch.tensor([s.numel() for s in seqs])
+
+
+@torch.no_grad()
+def naive_greedy(model, src_tokens, src_lengths, min_len, max_len, project_all=True):
+    """Greedy decoding without incremental state: the decoder re-reads the whole prefix each step.
+
+    ``project_all`` keeps ``model.decoder(prefix)`` as is (vocabulary logits for every position);
+    otherwise only the last position is projected, a stronger baseline.  Same masking rules as
+    ``rollout`` (pad never, EOS forbidden before ``min_len``, only EOS at ``max_len``).
+    """
+    dictionary = model.decoder.dictionary
+    eos, pad = dictionary.eos(), dictionary.pad()
+    encoder_out = model.encoder(src_tokens, src_lengths=src_lengths)
+    bsz = src_tokens.size(0)
+    tokens = src_tokens.new_full((bsz, max_len + 2), pad)
+    tokens[:, 0] = eos
+    finished = torch.zeros(bsz, dtype=torch.bool, device=src_tokens.device)
+    for step in range(max_len + 1):
+        if project_all:
+            logits, extra = model.decoder(tokens[:, : step + 1], encoder_out=encoder_out)
+            logits = logits[:, -1:]
+        else:
+            features, extra = model.decoder(tokens[:, : step + 1], encoder_out=encoder_out, features_only=True)
+            logits = model.decoder.output_layer(features[:, -1:])
+        lprobs = model.get_normalized_probs((logits, extra), log_probs=True)[:, -1]
+        lprobs[:, pad] = -math.inf
+        if step >= max_len:
+            lprobs[:, :eos] = -math.inf
+            lprobs[:, eos + 1 :] = -math.inf
+        if step < min_len:
+            lprobs[:, eos] = -math.inf
+        nxt = lprobs.argmax(dim=1).masked_fill_(finished, pad)
+        tokens[:, step + 1] = nxt
+        finished |= nxt.eq(eos)
+        if finished.all():
+            break
+    return tokens[:, 1 : step + 2]
+
+
+def timed(fn, repeats, warmup):
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, times
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from fairseq_imitkd.rollout import rollout
+
+    model, task = load_model(args)
+    src_tokens, src_lengths = load_batch(args, task)
+    steps = args.length
+    min_len = max_len_b = steps - 1  # steps-1 forced non-EOS tokens, then the forced EOS
+    logger.info("batch %s, forced length %d, %d thread(s)", tuple(src_tokens.shape), steps, torch.get_num_threads())
+
+    results = {}
+
+    incremental, t_inc = timed(
+        lambda: rollout(model, src_tokens, src_lengths, min_len=min_len, max_len_b=max_len_b),
+        args.repeats, args.warmup,
+    )
+    assert int(incremental.lengths.min()) == int(incremental.lengths.max()) == steps
+    results["incremental"] = t_inc
+    naive, t_naive = timed(
+        lambda: naive_greedy(model, src_tokens, src_lengths, min_len, max_len_b), args.repeats, args.warmup
+    )
+    results["naive"] = t_naive
+    naive_last, t_naive_last = timed(
+        lambda: naive_greedy(model, src_tokens, src_lengths, min_len, max_len_b, project_all=False),
+        args.repeats, args.warmup,
+    )
+    results["naive_last_position"] = t_naive_last
+    same_rows = (naive == incremental.tokens).all(dim=1).float().mean().item()
+    same_tokens = (naive == incremental.tokens).float().mean().item()
+
+    # natural lengths: rollout vs SequenceGenerator(beam_size=1), default limits
+    natural, t_nat = timed(lambda: rollout(model, src_tokens, src_lengths), args.repeats, args.warmup)
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=1)
+    sample = {"net_input": {"src_tokens": src_tokens, "src_lengths": src_lengths}}
+    hypos, t_sg = timed(lambda: generator.generate([model], sample), args.repeats, args.warmup)
+    natural_matches = all(
+        torch.equal(natural.tokens[i, : natural.lengths[i]], h[0]["tokens"]) for i, h in enumerate(hypos)
+    )
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    report = {
+        "benchmark": "rollout_speed",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "device": "cpu",
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "params": sum(p.numel() for p in model.parameters()),
+        "data": f"{args.text_dir}/{args.split}.{args.source_lang} (first {args.num_sentences})",
+        "batch_size": int(src_tokens.size(0)),
+        "src_len_padded": int(src_tokens.size(1)),
+        "forced_length": steps,
+        "forcing": f"min_len = max_len_b = {steps - 1}: {steps - 1} tokens, then EOS forced",
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "times_s": results,
+        "median_s": med,
+        "mean_rollout_length": incremental.lengths.float().mean().item(),
+        "speedup_vs_naive": med["naive"] / med["incremental"],
+        "speedup_vs_naive_last_position": med["naive_last_position"] / med["incremental"],
+        "naive_vs_incremental_identical_rows": same_rows,
+        "naive_vs_incremental_identical_tokens": same_tokens,
+        "natural_length": {
+            "rollout_median_s": statistics.median(t_nat),
+            "sequence_generator_beam1_median_s": statistics.median(t_sg),
+            "speedup_vs_sequence_generator": statistics.median(t_sg) / statistics.median(t_nat),
+            "mean_rollout_length": natural.lengths.float().mean().item(),
+            "identical_to_sequence_generator": natural_matches,
+            "times_s": {"rollout": t_nat, "sequence_generator": t_sg},
+        },
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    logger.info("wrote %s", args.out)
+    print(
+        f"| rollout_speed | B={report['batch_size']} len={steps} threads={report['threads']} "
+        f"torch {report['torch']} | incremental {med['incremental']:.3f} s | naive {med['naive']:.3f} s "
+        f"(x{report['speedup_vs_naive']:.1f}) | naive, last position only {med['naive_last_position']:.3f} s "
+        f"(x{report['speedup_vs_naive_last_position']:.1f}) | mean length {report['mean_rollout_length']:.1f} | "
+        f"natural length: rollout {report['natural_length']['rollout_median_s']:.3f} s vs SequenceGenerator "
+        f"{report['natural_length']['sequence_generator_beam1_median_s']:.3f} s "
+        f"(x{report['natural_length']['speedup_vs_sequence_generator']:.2f}, "
+        f"identical={natural_matches}) |"
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Fast on-policy rollouts of a fairseq encoder-decoder model, optionally mixed with a teacher.
+
+ImitKD trains the student on prefixes it produces itself, so every update starts with a
+decoding pass.  This module makes that pass cheap: the encoder runs once, the decoder
+keeps fairseq's incremental state (one new position per step instead of the whole
+prefix), finished rows leave the batch, and a teacher can decode *beside* the student
+over the same prefix, so its distributions come for free and no second teacher pass is
+needed.
+
+Greedy rollouts reproduce ``SequenceGenerator(models, tgt_dict, beam_size=1)`` token for
+token, and top-k/full sampling reproduces ``SequenceGenerator`` with
+``search.Sampling`` for the same torch seed: the same length limits, the same masking
+of pad/EOS, the same float32 arithmetic and the same batch shrinking (which fixes the
+shapes handed to ``torch.multinomial`` and hence its draws).  All randomness comes from
+torch's default generator, which fairseq reseeds every update, so resumed runs are exact.
+"""
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+from fairseq.sequence_generator import EnsembleModel
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("greedy", "topk")
+
+
+@dataclass
+class Rollout:
+    """A batch of generated sequences in fairseq's teacher-forcing layout.
+
+    ``tokens`` can serve as targets (``ignore_index=pad``) and ``prev_output_tokens``
+    as decoder input, exactly like ``sample["target"]`` and
+    ``sample["net_input"]["prev_output_tokens"]`` of a right-padded fairseq batch.
+    """
+
+    #: (B, T) generated tokens; each row ends with its only EOS at ``lengths - 1``, then pad.
+    tokens: Tensor
+    #: (B, T) ``[eos, tokens[:, :-1]]`` with pad from ``lengths`` on.
+    prev_output_tokens: Tensor
+    #: (B,) number of generated tokens, final EOS included.
+    lengths: Tensor
+    #: (B, T, V) float32 teacher log-probs given ``prev_output_tokens[:, :t + 1]``
+    #: (unmasked: before any pad/EOS/length rule); 0 at pad positions.  Only with
+    #: teacher models and ``keep_teacher_lprobs=True``.
+    teacher_lprobs: Optional[Tensor] = None
+    #: (B, T) argmax of the teacher's (unmasked) distribution at each position, pad
+    #: after the end.  Only with teacher models.
+    teacher_argmax: Optional[Tensor] = None
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Like ``fairseq.utils.model_eval`` for several modules, but restores their
+    training flags even when decoding raises (``model_eval`` has no ``finally``)."""
+    flags = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.train(flag)
+
+
+def max_rollout_len(
+    src_tokens: Tensor,
+    models: Sequence[nn.Module],
+    max_len_a: float = 0.0,
+    max_len_b: int = 200,
+) -> int:
+    """Number of non-EOS steps allowed, computed as ``SequenceGenerator`` does.
+
+    The padded source length counts (not each row's own length), and the limit is
+    capped one below the smallest ``max_decoder_positions()`` so that the final EOS
+    still has a position embedding.
+    """
+    positions = min(
+        [m.max_decoder_positions() for m in models if hasattr(m, "max_decoder_positions")]
+        + [2**62]
+    )
+    return min(int(max_len_a * src_tokens.size(1) + max_len_b), positions - 1)
+
+
+def _apply_rules(lprobs: Tensor, step: int, min_len: int, max_len: int, eos: int, pad: int) -> Tensor:
+    """Mask, in place, what ``SequenceGenerator`` never lets a hypothesis pick at ``step``.
+
+    NaN -> -inf; pad never; only EOS at the last step; no EOS before ``min_len``.
+    (``unk_penalty`` is 0 by default there, and subtracting 0 is a no-op.)
+    """
+    lprobs.masked_fill_(torch.isnan(lprobs), -math.inf)
+    lprobs[:, pad] = -math.inf
+    if step >= max_len:
+        lprobs[:, :eos] = -math.inf
+        lprobs[:, eos + 1 :] = -math.inf
+    if step < min_len:
+        lprobs[:, eos] = -math.inf
+    return lprobs
+
+
+def _greedy(lprobs: Tensor, cum_scores: Tensor, step: int) -> Tensor:
+    """Best token, chosen as ``BeamSearch`` does at beam 1.
+
+    It ranks *cumulative* scores with ``topk(k=2)``, not ``lprobs.argmax()``: in float32
+    adding the running score can merge near-ties, and topk and argmax may break ties
+    differently.  Ranking the same numbers with the same op keeps us identical.
+    """
+    cand = lprobs if step == 0 else lprobs + cum_scores.unsqueeze(1)
+    return torch.topk(cand, k=min(2, cand.size(1) - 1), dim=1)[1][:, 0]
+
+
+def _sample(lprobs: Tensor, topk: int) -> Tensor:
+    """Draw one token per row, as ``search.Sampling`` does at beam 1 (same draws per seed)."""
+    if topk > 0:
+        top_lprobs, top_idx = lprobs.topk(min(topk, lprobs.size(1)), dim=1)
+        choice = torch.multinomial(top_lprobs.exp(), 1, replacement=True)
+        return top_idx.gather(1, choice).squeeze(1)
+    return torch.multinomial(lprobs.exp(), 1, replacement=True).squeeze(1)
+
+
+def _advance_scores(cum_scores: Tensor, lprobs: Tensor, chosen: Tensor, step: int) -> Tensor:
+    """Running score after ``chosen``, with the arithmetic of ``BeamSearch`` (topk value)."""
+    picked = lprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    new = picked if step == 0 else picked + cum_scores
+    # A policy can be handed a token it gives -inf (only with a broken, NaN-emitting
+    # model); an infinite offset would then make all its candidates tie.
+    return new.masked_fill_(~torch.isfinite(new), 0.0)
+
+
+def _check_dictionaries(model: nn.Module, teachers: Sequence[nn.Module]) -> None:
+    ref = model.decoder.dictionary
+    for t in teachers:
+        d = t.decoder.dictionary
+        if len(d) != len(ref) or (d.eos(), d.pad()) != (ref.eos(), ref.pad()):
+            raise ValueError(
+                "teacher and student must share one target dictionary "
+                f"(sizes {len(d)} vs {len(ref)}, eos/pad {d.eos()}/{d.pad()} vs {ref.eos()}/{ref.pad()})"
+            )
+
+
+@torch.no_grad()
+def rollout(
+    model: nn.Module,
+    src_tokens: Tensor,
+    src_lengths: Tensor,
+    *,
+    max_len_a: float = 0.0,
+    max_len_b: int = 200,
+    min_len: int = 1,
+    sampling: str = "greedy",
+    topk: int = 0,
+    temperature: float = 1.0,
+    teacher_models: Optional[Sequence[nn.Module]] = None,
+    teacher_prob: float = 0.0,
+    teacher_sample: bool = False,
+    keep_teacher_lprobs: bool = True,
+) -> Rollout:
+    """Decode ``src_tokens`` with ``model`` (the student), optionally mixed with teachers.
+
+    Args:
+        model: a fairseq encoder-decoder model; its ``decoder.dictionary`` gives eos/pad.
+        src_tokens, src_lengths: the batch's ``net_input`` (left-padded as fairseq does).
+        max_len_a, max_len_b: at most ``int(a * src_tokens.size(1) + b)`` tokens before
+            the final EOS (padded source length, as ``SequenceGenerator``).
+        min_len: EOS is forbidden at steps ``< min_len``.
+        sampling: ``"greedy"`` or ``"topk"`` (sample from the ``topk`` most likely
+            tokens; ``topk=0`` samples from the full distribution).
+        temperature: divides the student's logits before the softmax (> 0).
+        teacher_models: optional teacher (ensemble, averaged in probability space)
+            decoded incrementally over the same prefix.
+        teacher_prob: beta; per row and step the next token is the teacher's action
+            with this probability, else the student's.  With 0 or 1 no coin is drawn,
+            so ``teacher_prob=0`` consumes the RNG exactly as a student-only rollout.
+        teacher_sample: the teacher's action is a sample from its full distribution at
+            temperature 1 instead of its argmax.
+        keep_teacher_lprobs: also return the teacher's (B, T, V) log-probs; else only
+            their argmax (saves B*T*V floats).
+
+    Dropout is off during the rollout; training flags are restored afterwards.
+    ``teacher_prob=1`` never runs the student.
+    """
+    if sampling not in STRATEGIES:
+        raise ValueError(f"unknown sampling strategy {sampling!r}; valid: {', '.join(STRATEGIES)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0 (0 = full distribution), got {topk}")
+    if not 0.0 <= teacher_prob <= 1.0:
+        raise ValueError(f"teacher_prob (beta) must lie in [0, 1], got {teacher_prob}")
+    if min_len < 0:
+        raise ValueError(f"min_len must be >= 0, got {min_len}")
+    teachers: List[nn.Module] = list(teacher_models or [])
+    if teacher_prob > 0 and not teachers:
+        raise ValueError("teacher_prob > 0 needs teacher_models")
+    _check_dictionaries(model, teachers)
+
+    max_len = max_rollout_len(src_tokens, [model] + teachers, max_len_a, max_len_b)
+    if max_len < 1:
+        raise ValueError(
+            f"maximum rollout length {max_len} < 1 (max_len_a={max_len_a}, max_len_b={max_len_b}, "
+            f"source length {src_tokens.size(1)})"
+        )
+    if min_len > max_len:
+        raise ValueError(f"min_len ({min_len}) cannot exceed the maximum length ({max_len})")
+
+    dictionary = model.decoder.dictionary
+    eos, pad = dictionary.eos(), dictionary.pad()
+    with _eval_mode([model] + teachers):
+        return _decode(
+            model, teachers, src_tokens, src_lengths, eos=eos, pad=pad,
+            max_len=max_len, min_len=min_len, sampling=sampling, topk=topk,
+            temperature=temperature, teacher_prob=float(teacher_prob),
+            teacher_sample=teacher_sample, keep_teacher_lprobs=keep_teacher_lprobs,
+        )
+
+
+def _decode(
+    model, teachers, src_tokens, src_lengths, *, eos, pad, max_len, min_len, sampling, topk,
+    temperature, teacher_prob, teacher_sample, keep_teacher_lprobs,
+) -> Rollout:
+    bsz = src_tokens.size(0)
+    device = src_tokens.device
+    net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths}
+
+    run_student = not (teachers and teacher_prob == 1.0)
+    # (wrapper, encoder outs, incremental states) per policy; EnsembleModel gives
+    # SequenceGenerator's exact per-step arithmetic (temperature, ensembling).
+    policies: Dict[str, list] = {}
+    if run_student:
+        ens = EnsembleModel([model])
+        policies["student"] = [ens, ens.forward_encoder(net_input), [{}]]
+    if teachers:
+        ens = EnsembleModel(teachers)
+        policies["teacher"] = [ens, ens.forward_encoder(net_input), [{} for _ in teachers]]
+
+    # Working buffers hold only unfinished rows; ``rows`` maps them to the batch.
+    work = src_tokens.new_full((bsz, max_len + 2), pad)
+    work[:, 0] = eos
+    rows = torch.arange(bsz, device=device)
+    cum = {name: torch.zeros(bsz, device=device) for name in policies}
+    out = src_tokens.new_full((bsz, max_len + 1), pad)
+    lengths = src_tokens.new_zeros(bsz)
+    t_argmax = src_tokens.new_full((bsz, max_len + 1), pad) if teachers else None
+    t_steps: List[tuple] = []  # (rows, step lprobs) for the teacher
+
+    for step in range(max_len + 1):
+        prefix = work[:, : step + 1]
+        actions = {}
+        masked = {}
+        if run_student:
+            ens, enc, states = policies["student"]
+            lp, _ = ens.forward_decoder(prefix, enc, states, temperature)
+            masked["student"] = _apply_rules(lp.float(), step, min_len, max_len, eos, pad)
+            if sampling == "greedy":
+                actions["student"] = _greedy(masked["student"], cum["student"], step)
+            else:
+                actions["student"] = _sample(masked["student"], topk)
+        if teachers:
+            ens, enc, states = policies["teacher"]
+            lp, _ = ens.forward_decoder(prefix, enc, states, 1.0)
+            lp = lp.float()
+            t_argmax[rows, step] = lp.argmax(dim=1)
+            if keep_teacher_lprobs:
+                t_steps.append((rows, lp))
+            if teacher_prob > 0.0:
+                masked["teacher"] = _apply_rules(lp.clone(), step, min_len, max_len, eos, pad)
+                if teacher_sample:
+                    actions["teacher"] = _sample(masked["teacher"], 0)
+                else:
+                    actions["teacher"] = _greedy(masked["teacher"], cum["teacher"], step)
+
+        if "teacher" not in actions:
+            nxt = actions["student"]
+        elif "student" not in actions:
+            nxt = actions["teacher"]
+        else:
+            coin = torch.rand(work.size(0), device=device) < teacher_prob
+            nxt = torch.where(coin, actions["teacher"], actions["student"])
+        for name, lp in masked.items():
+            cum[name] = _advance_scores(cum[name], lp, nxt, step)
+        work[:, step + 1] = nxt
+
+        done = nxt.eq(eos)
+        if bool(done.any()):
+            done_rows = rows[done]
+            out[done_rows, : step + 1] = work[done, 1 : step + 2]
+            lengths[done_rows] = step + 1
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            # Drop finished rows, as SequenceGenerator does: less work per step, and
+            # the same shapes (hence the same sampling draws) as fairseq.
+            work, rows = work[keep], rows[keep]
+            for name, (ens, enc, states) in policies.items():
+                ens.reorder_incremental_state(states, keep)
+                policies[name][1] = ens.reorder_encoder_out(enc, keep)
+                cum[name] = cum[name][keep]
+
+    width = int(lengths.max())
+    tokens = out[:, :width].contiguous()  # criterions call .view(-1) on targets
+    positions = torch.arange(width, device=device).unsqueeze(0)
+    after_end = positions >= lengths.unsqueeze(1)
+    prev_output_tokens = torch.cat([tokens.new_full((bsz, 1), eos), tokens[:, :-1]], dim=1)
+    prev_output_tokens.masked_fill_(after_end, pad)
+
+    teacher_lprobs = None
+    if teachers and keep_teacher_lprobs:
+        vocab = t_steps[0][1].size(1)
+        teacher_lprobs = torch.zeros(bsz, width, vocab, device=device)
+        for step, (step_rows, lp) in enumerate(t_steps):
+            teacher_lprobs[step_rows, step] = lp
+    return Rollout(
+        tokens=tokens,
+        prev_output_tokens=prev_output_tokens,
+        lengths=lengths,
+        teacher_lprobs=teacher_lprobs,
+        teacher_argmax=t_argmax[:, :width].contiguous() if teachers else None,
+    )

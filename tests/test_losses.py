@@ -1,0 +1,89 @@
+"""Analytic tests of the pure loss functions."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+from fairseq_imitkd.losses import agreement, hard_cross_entropy, soft_cross_entropy, word_kd_loss
+
+
+def _lprobs(n=7, v=11, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return F.log_softmax(scale * torch.randn(n, v, generator=g, dtype=torch.float64), dim=-1)
+
+
+def test_soft_ce_of_identical_distributions_is_teacher_entropy():
+    t = _lprobs()
+    entropy = -(t.exp() * t).sum(-1)
+    torch.testing.assert_close(soft_cross_entropy(t, t), entropy)
+
+
+def test_soft_ce_is_kl_plus_entropy_and_minimised_at_teacher():
+    s, t = _lprobs(seed=1), _lprobs(seed=2)
+    kl = (t.exp() * (t - s)).sum(-1)
+    entropy = -(t.exp() * t).sum(-1)
+    torch.testing.assert_close(soft_cross_entropy(s, t), kl + entropy)
+    assert (soft_cross_entropy(s, t) >= soft_cross_entropy(t, t) - 1e-12).all()
+
+
+def test_soft_ce_gradient_is_student_minus_teacher_probs():
+    logits = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    t = _lprobs(5, 9, seed=3)
+    soft_cross_entropy(F.log_softmax(logits, -1), t).sum().backward()
+    torch.testing.assert_close(logits.grad, logits.softmax(-1).detach() - t.exp())
+
+
+def test_temperature_softens_both_sides():
+    s, t = _lprobs(seed=4), _lprobs(seed=5)
+    T = 2.5
+    expected = -(F.softmax(t / T, -1) * F.log_softmax(s / T, -1)).sum(-1)
+    torch.testing.assert_close(soft_cross_entropy(s, t, temperature=T), expected)
+    # logits and log-probs give the same tempered distributions (the normaliser is a shift)
+    z = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(
+        soft_cross_entropy(F.log_softmax(z, -1), F.log_softmax(z, -1), T),
+        soft_cross_entropy(z, z, T),
+    )
+
+
+def test_hard_ce_picks_the_target():
+    s = _lprobs()
+    y = torch.tensor([0, 3, 10, 2, 2, 5, 1])
+    torch.testing.assert_close(hard_cross_entropy(s, y), -s[torch.arange(7), y])
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_word_kd_alpha_zero_is_label_smoothed_nll(eps):
+    s, t = _lprobs(seed=6), _lprobs(seed=7)
+    y = torch.randint(0, 11, (7,), generator=torch.Generator().manual_seed(0))
+    loss, nll, _ = word_kd_loss(s, t, y, alpha=0.0, epsilon=eps)
+    ref_loss, ref_nll = label_smoothed_nll_loss(s, y, eps)
+    assert loss.item() == ref_loss.item()
+    assert nll.item() == ref_nll.item()
+
+
+def test_word_kd_alpha_one_is_pure_kd_with_t_squared():
+    s, t = _lprobs(seed=8), _lprobs(seed=9)
+    y = torch.zeros(7, dtype=torch.long)
+    T = 3.0
+    loss, _, kd = word_kd_loss(s, t, y, alpha=1.0, temperature=T)
+    torch.testing.assert_close(kd, soft_cross_entropy(s, t, T).sum())
+    assert math.isclose(loss.item(), T * T * kd.item(), rel_tol=1e-6)
+
+
+def test_word_kd_interpolates():
+    s, t = _lprobs(seed=10), _lprobs(seed=11)
+    y = torch.arange(7)
+    a = 0.3
+    loss, nll, kd = word_kd_loss(s, t, y, alpha=a, epsilon=0.0)
+    assert math.isclose(loss.item(), (1 - a) * nll.item() + a * kd.item(), rel_tol=1e-6)
+
+
+def test_agreement_counts_equal_argmaxes():
+    t = _lprobs(seed=12)
+    assert agreement(t, t).item() == 7
+    flipped = t.clone()
+    flipped[0] = t[0].flip(-1)  # reversing a row with a unique max moves the argmax
+    assert agreement(flipped, t).item() == 6
