@@ -52,6 +52,9 @@ class Rollout:
     #: (B, T) argmax of the teacher's (unmasked) distribution at each position, pad
     #: after the end.  Only with teacher models.
     teacher_argmax: Optional[Tensor] = None
+    #: number of generated tokens (final EOS included) that were the teacher's action
+    #: (token mixing); 0-dim tensor on the batch's device, to avoid a sync per step.
+    teacher_tokens: Optional[Tensor] = None
 
 
 @contextlib.contextmanager
@@ -247,6 +250,7 @@ def _decode(
     lengths = src_tokens.new_zeros(bsz)
     t_argmax = src_tokens.new_full((bsz, max_len + 1), pad) if teachers else None
     t_steps: List[tuple] = []  # (rows, step lprobs) for the teacher
+    teacher_tokens = torch.zeros((), dtype=torch.long, device=device)
 
     for step in range(max_len + 1):
         prefix = work[:, : step + 1]
@@ -278,9 +282,11 @@ def _decode(
             nxt = actions["student"]
         elif "student" not in actions:
             nxt = actions["teacher"]
+            teacher_tokens += nxt.numel()
         else:
             coin = torch.rand(work.size(0), device=device) < teacher_prob
             nxt = torch.where(coin, actions["teacher"], actions["student"])
+            teacher_tokens += coin.sum()
         for name, lp in masked.items():
             cum[name] = _advance_scores(cum[name], lp, nxt, step)
         work[:, step + 1] = nxt
@@ -320,4 +326,5 @@ def _decode(
         lengths=lengths,
         teacher_lprobs=teacher_lprobs,
         teacher_argmax=t_argmax[:, :width].contiguous() if teachers else None,
+        teacher_tokens=teacher_tokens,
     )

@@ -179,7 +179,11 @@ def load_teacher(
         check_same_dictionary("source", src_dict, teacher_task.source_dictionary, data)
         check_same_dictionary("target", tgt_dict, teacher_task.target_dictionary, data)
         check_embedding_rows(path, state["model"], teacher_task.source_dictionary, teacher_task.target_dictionary)
-        model = teacher_task.build_model(cfg.model, from_checkpoint=True)
+        # Building a model draws random initial weights. The teacher is loaded lazily inside the first
+        # train step, after fairseq seeded it, so it must not consume the global RNG: else the first
+        # update after a resume would differ from the same update in an uninterrupted run.
+        with torch.random.fork_rng(devices=[]):
+            model = teacher_task.build_model(cfg.model, from_checkpoint=True)
         model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
         logger.info(
             "loaded teacher %s (%s, %d parameters, dictionaries from %s)",

@@ -1,1 +1,1 @@
-from . import word_kd  # noqa: F401
+from . import imitkd, word_kd  # noqa: F401

@@ -1,0 +1,212 @@
+"""ImitKD (Lin et al., EMNLP 2020): distillation as imitation learning, on the student's own prefixes.
+
+Each update rolls the student out (no grad, dropout off), mixes its prefixes with the data under a
+decaying β, and trains it to take the teacher's action (``argmax``: ImitKD) or to match the teacher's
+whole next-token distribution (``full``: ImitKD+Full) at every position of those prefixes. Training
+on its own prefixes is what removes the exposure bias of teacher forcing. ImitKD* is this criterion
+run over a sequence-level KD corpus (the teacher's beam outputs as the "data").
+"""
+from dataclasses import dataclass, field
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.logging import metrics
+from omegaconf import II
+
+from ..losses import hard_cross_entropy, soft_cross_entropy
+from ..rollout import rollout
+from ..schedules import beta as beta_at
+from ..schedules import check_schedule
+from .kd_criterion import KDCriterion, check_range
+
+TARGETS = ChoiceEnum(["argmax", "full"])
+MIXES = ChoiceEnum(["sequence", "token"])
+SCHEDULES = ChoiceEnum(["exponential", "linear", "reverse_sigmoid", "constant"])
+SAMPLINGS = ChoiceEnum(["greedy", "topk"])
+
+
+@dataclass
+class ImitKDConfig(FairseqDataclass):
+    imitkd_target: TARGETS = field(
+        default="argmax",
+        metadata={"help": "argmax: the teacher's argmax on student prefixes, gold on data prefixes (ImitKD); "
+                  "full: the teacher's whole distribution on every prefix (ImitKD+Full)"},
+    )
+    imitkd_mix: MIXES = field(
+        default="sequence",
+        metadata={"help": "sequence: each row keeps its data prefix with probability β, else the student's "
+                  "rollout (the paper); token: at each step the teacher picks the token with probability β "
+                  "(DAgger-style), and its per-step distributions serve as targets"},
+    )
+    imitkd_beta_schedule: SCHEDULES = field(
+        default="exponential", metadata={"help": "β schedule over updates: exponential base^(-t/N), linear, "
+                                         "reverse_sigmoid, or constant (--imitkd-beta)"}
+    )
+    imitkd_beta_base: float = field(
+        default=200.0, metadata={"help": "base of the exponential (and steepness of reverse_sigmoid) schedule; "
+                                 "paper: 200 IWSLT, 10 CNN/DM, 2 for ImitKD* on WMT"}
+    )
+    imitkd_beta: float = field(default=0.0, metadata={"help": "β of the constant schedule, in [0, 1]"})
+    imitkd_beta_updates: int = field(
+        default=0, metadata={"help": "horizon N of the β schedule in updates; 0 means --max-update"}
+    )
+    imitkd_sampling: SAMPLINGS = field(
+        default="topk", metadata={"help": "how the student rolls out: greedy, or top-k sampling (paper's base "
+                                  "IWSLT config: top-5 at temperature 1; greedy in its _full configs)"}
+    )
+    imitkd_topk: int = field(default=5, metadata={"help": "k of top-k sampling (0: the full distribution)"})
+    imitkd_temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollout, > 0"})
+    imitkd_teacher_sample: bool = field(
+        default=False, metadata={"help": "token mixing: the teacher's action is a sample, not its argmax"}
+    )
+    imitkd_max_len_a: float = field(
+        default=1.2, metadata={"help": "rollouts have at most a·src_len + b tokens (the paper used a=0, b=125)"}
+    )
+    imitkd_max_len_b: int = field(default=10, metadata={"help": "see --imitkd-max-len-a"})
+    sentence_avg: bool = II("optimization.sentence_avg")
+    max_update: int = II("optimization.max_update")
+
+
+@register_criterion("imitkd", dataclass=ImitKDConfig)
+class ImitKDCriterion(KDCriterion):
+    """Train on β-mixed student/data prefixes against the teacher's targets.
+
+    Per update: one rollout (no grad), one teacher pass over the final prefixes (no grad; skipped with
+    token mixing, whose rollout already holds the teacher's distributions) and one student pass with
+    grad. Validation scores gold prefixes only (β=1), which keeps the validation loss deterministic;
+    select checkpoints by ``--eval-bleu`` all the same.
+    """
+
+    def __init__(
+        self, task, imitkd_target, imitkd_mix, imitkd_beta_schedule, imitkd_beta_base, imitkd_beta,
+        imitkd_beta_updates, imitkd_sampling, imitkd_topk, imitkd_temperature, imitkd_teacher_sample,
+        imitkd_max_len_a, imitkd_max_len_b, sentence_avg, max_update,
+    ):
+        super().__init__(task)
+        self.target = str(imitkd_target)
+        self.mix = str(imitkd_mix)
+        self.schedule = str(imitkd_beta_schedule)
+        self.base = imitkd_beta_base
+        self.constant = imitkd_beta
+        self.horizon = imitkd_beta_updates or max_update
+        check_range("imitkd-beta", imitkd_beta, 0.0, 1.0)
+        check_range("imitkd-temperature", imitkd_temperature, 0.0, float("inf"), low_open=True, high_open=True)
+        check_range("imitkd-topk", imitkd_topk, 0, float("inf"), high_open=True)
+        check_range("imitkd-max-len-a", imitkd_max_len_a, 0.0, float("inf"), high_open=True)
+        if imitkd_beta_updates < 0:
+            raise ValueError(f"--imitkd-beta-updates must be >= 0, got {imitkd_beta_updates}")
+        if self.schedule in ("exponential", "reverse_sigmoid"):
+            check_range("imitkd-beta-base", imitkd_beta_base, 1.0, float("inf"), low_open=True, high_open=True)
+        check_schedule(self.schedule, self.horizon, self.base, self.constant)
+        self.rollout_args = dict(
+            max_len_a=imitkd_max_len_a, max_len_b=imitkd_max_len_b, sampling=str(imitkd_sampling),
+            topk=imitkd_topk, temperature=imitkd_temperature,
+        )
+        self.teacher_sample = imitkd_teacher_sample
+        self.sentence_avg = sentence_avg
+
+    def current_beta(self) -> float:
+        return beta_at(self.schedule, self.update_num, self.horizon, self.base, self.constant)
+
+    def forward(self, model, sample, reduce=True):
+        teacher = self.teacher_for(model)
+        net_input = sample["net_input"]
+        src_tokens, src_lengths = net_input["src_tokens"], net_input["src_lengths"]
+        beta = self.current_beta() if model.training else 1.0
+        stats = {}
+        if model.training and self.mix == "token":
+            prev, target, teacher_lprobs, teacher_argmax, stats = self._token_mixed(model, teacher, sample, beta)
+        else:
+            prev, target, on_policy, stats = self._sequence_mixed(model, sample, beta)
+            teacher_lprobs = teacher.log_probs(src_tokens, src_lengths, prev)
+            teacher_argmax = teacher_lprobs.argmax(-1)
+            if self.target == "argmax":  # the teacher's action on student rows, gold on data rows
+                target = torch.where(on_policy.unsqueeze(1), teacher_argmax, target)
+
+        net_output = model(src_tokens, src_lengths, prev)
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        mask = target.ne(self.padding_idx)
+        student = lprobs[mask]
+        if self.target == "full":
+            loss = soft_cross_entropy(student, teacher_lprobs[mask]).sum()
+        else:
+            loss = hard_cross_entropy(student, target[mask]).sum()
+
+        n_scored = int(mask.sum())
+        nsentences = src_tokens.size(0)
+        sample_size = nsentences if self.sentence_avg else n_scored
+        logging_output = {
+            "loss": loss.data,
+            "kd_loss": loss.data,
+            "n_agree": (student.argmax(-1) == teacher_argmax[mask]).sum().data,
+            "n_scored": n_scored,
+            "ntokens": sample["ntokens"],
+            "nsentences": nsentences,
+            "sample_size": sample_size,
+            "beta_x_sents": beta * nsentences,
+            **stats,
+        }
+        return loss, sample_size, logging_output
+
+    def _sequence_mixed(self, model, sample, beta):
+        """Each row keeps its data prefix with probability β, else takes the student's rollout."""
+        gold_prev = sample["net_input"]["prev_output_tokens"]
+        gold = sample["target"]
+        bsz = gold.size(0)
+        if beta >= 1.0:
+            return gold_prev, gold, gold.new_zeros(bsz, dtype=torch.bool), {}
+        # torch's global RNG: fairseq reseeds it every update, so a resumed run draws the same rows
+        on_policy = torch.rand(bsz, device=gold.device) >= beta
+        rows = on_policy.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return gold_prev, gold, on_policy, {"n_on_policy": 0, "rollout_tokens": 0}
+        ro = rollout(
+            model, sample["net_input"]["src_tokens"][rows], sample["net_input"]["src_lengths"][rows],
+            **self.rollout_args,
+        )
+        width = max(gold.size(1), ro.tokens.size(1))
+        prev = gold_prev.new_full((bsz, width), self.padding_idx)
+        target = gold.new_full((bsz, width), self.padding_idx)
+        prev[:, : gold.size(1)] = gold_prev
+        target[:, : gold.size(1)] = gold
+        prev[rows] = self.padding_idx
+        target[rows] = self.padding_idx
+        prev[rows, : ro.tokens.size(1)] = ro.prev_output_tokens
+        target[rows, : ro.tokens.size(1)] = ro.tokens  # only its pad pattern is used for student rows
+        stats = {"n_on_policy": int(rows.numel()), "rollout_tokens": int(ro.lengths.sum())}
+        return prev, target, on_policy, stats
+
+    def _token_mixed(self, model, teacher, sample, beta):
+        """Teacher and student decode side by side; the teacher acts with probability β at each step."""
+        ro = rollout(
+            model, sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"],
+            teacher_models=teacher.models, teacher_prob=beta, teacher_sample=self.teacher_sample,
+            keep_teacher_lprobs=self.target == "full", **self.rollout_args,
+        )
+        mask = ro.tokens.ne(self.padding_idx)
+        target = ro.teacher_argmax.masked_fill(~mask, self.padding_idx)
+        n_tokens = int(ro.lengths.sum())
+        stats = {
+            "n_on_policy_tokens": n_tokens - int(ro.teacher_tokens),
+            "rollout_tokens": n_tokens,
+            "n_rollouts": ro.tokens.size(0),
+        }
+        return ro.prev_output_tokens, target, ro.teacher_lprobs, ro.teacher_argmax, stats
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        total = lambda key: sum(log.get(key, 0) for log in logging_outputs)  # noqa: E731
+        nsentences = total("nsentences")
+        if nsentences > 0 and any("beta_x_sents" in log for log in logging_outputs):
+            metrics.log_scalar("beta", total("beta_x_sents") / nsentences, nsentences, round=4)
+        if any("n_on_policy" in log for log in logging_outputs):  # sequence mixing: fraction of rows
+            metrics.log_scalar("on_policy", total("n_on_policy") / max(nsentences, 1), nsentences, round=3)
+            n_rolled = total("n_on_policy")
+            if n_rolled > 0:
+                metrics.log_scalar("rollout_len", total("rollout_tokens") / n_rolled, n_rolled, round=2)
+        if any("n_on_policy_tokens" in log for log in logging_outputs):  # token mixing: fraction of tokens
+            n_tokens = total("rollout_tokens")
+            metrics.log_scalar("on_policy", total("n_on_policy_tokens") / max(n_tokens, 1), n_tokens, round=3)
+            metrics.log_scalar("rollout_len", n_tokens / max(total("n_rollouts"), 1), total("n_rollouts"), round=2)

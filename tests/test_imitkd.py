@@ -1,0 +1,145 @@
+"""imitkd through the real fairseq-train: both mixing modes, both targets, and exact resume."""
+import shutil
+
+import pytest
+import torch
+
+import fairseq_imitkd.criterions.imitkd as imitkd_module
+from conftest import COMMON_TRAIN, build_training_objects, fairseq_generate, first_batch, read_json_log
+
+STUDENT = ["--arch", "transformer_student_tiny", "--share-all-embeddings"]
+
+
+def imitkd_args(data, teacher, save, *extra):
+    return [
+        data, "--task", "distillation", "--teacher-path", teacher, "--criterion", "imitkd", *STUDENT,
+        *COMMON_TRAIN, "--save-dir", save, "--log-file", save / "log.txt", "--log-interval", "1",
+        "--imitkd-max-len-a", "1.5", "--imitkd-max-len-b", "4", *extra,
+    ]
+
+
+@pytest.mark.parametrize("mix,target", [("sequence", "argmax"), ("sequence", "full"),
+                                        ("token", "argmax"), ("token", "full")])
+def test_imitkd_trains_through_fairseq_train(toy_data, teacher, tmp_path, mix, target):
+    from conftest import fairseq_train
+
+    fairseq_train(*imitkd_args(
+        toy_data, teacher, tmp_path, "--imitkd-mix", mix, "--imitkd-target", target,
+        "--imitkd-beta-schedule", "exponential", "--imitkd-beta-base", "200", "--max-update", "6",
+    ))
+    rows = read_json_log(tmp_path / "log.txt", "train_inner")
+    assert [int(r["num_updates"]) for r in rows] == list(range(1, 7))
+    betas = [float(r["beta"]) for r in rows]
+    expected = [200 ** (-t / 6) for t in range(6)]  # update_num t = 0..5 for updates 1..6
+    assert betas == pytest.approx(expected, abs=1e-4)
+    for key in ("kd_loss", "kd_agree", "loss"):
+        assert all(torch.isfinite(torch.tensor(float(r[key]))) for r in rows), key
+    # once beta is small nearly everything is on-policy, with rollouts of real length
+    assert float(rows[-1]["on_policy"]) > 0.8
+    assert float(rows[-1]["rollout_len"]) >= 1.0
+    assert (tmp_path / "checkpoint_last.pt").exists()
+
+
+def test_imitkd_student_decodes(toy_data, teacher, tmp_path):
+    from conftest import fairseq_train
+
+    fairseq_train(*imitkd_args(toy_data, teacher, tmp_path, "--imitkd-beta-schedule", "constant",
+                               "--imitkd-beta", "0", "--max-update", "3"))
+    hyps, _ = fairseq_generate(toy_data, "--path", tmp_path / "checkpoint_last.pt", "--gen-subset", "test",
+                               "--beam", "1", "--batch-size", "50", "--required-batch-size-multiple", "1", "--cpu")
+    assert len(hyps) == 100
+
+
+def _record_training_calls(monkeypatch):
+    """Record, for each training forward: update_num, beta, on-policy rows, rollout tokens, loss."""
+    calls = []
+    last_rollout = {}
+    real_rollout = imitkd_module.rollout
+    real_forward = imitkd_module.ImitKDCriterion.forward
+
+    def recording_rollout(*args, **kwargs):
+        out = real_rollout(*args, **kwargs)
+        last_rollout["tokens"] = out.tokens.clone()
+        return out
+
+    def recording_forward(self, model, sample, reduce=True):
+        last_rollout.clear()
+        loss, size, log = real_forward(self, model, sample, reduce)
+        if model.training:
+            calls.append({
+                "update_num": self.update_num, "beta": log["beta_x_sents"] / log["nsentences"],
+                "n_on_policy": log.get("n_on_policy"), "tokens": last_rollout.get("tokens"),
+                "loss": loss.item(), "sample_ids": sample["id"].tolist(),
+            })
+        return loss, size, log
+
+    monkeypatch.setattr(imitkd_module, "rollout", recording_rollout)
+    monkeypatch.setattr(imitkd_module.ImitKDCriterion, "forward", recording_forward)
+    return calls
+
+
+def test_resume_continues_exactly(toy_data, teacher, tmp_path, monkeypatch):
+    """Stopped at update k and resumed from checkpoint_last.pt, update k+1 sees the same beta, the same
+    on-policy rows, the same rollout tokens and the same loss as an uninterrupted run."""
+    from conftest import fairseq_train
+
+    calls = _record_training_calls(monkeypatch)
+    k = 5
+    # the horizon is pinned: with the default (--max-update) a run extended later would change beta
+    extra = ["--imitkd-beta-updates", "8", "--imitkd-beta-base", "4", "--imitkd-sampling", "topk",
+             "--imitkd-topk", "5"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    straight.mkdir()
+    interrupted.mkdir()
+    fairseq_train(*imitkd_args(toy_data, teacher, straight, *extra, "--max-update", str(k + 1)))
+    uninterrupted = calls[-1]
+    calls.clear()
+    fairseq_train(*imitkd_args(toy_data, teacher, interrupted, *extra, "--max-update", str(k)))
+    before = calls[-1]
+    calls.clear()
+    fairseq_train(*imitkd_args(toy_data, teacher, interrupted, *extra, "--max-update", str(k + 1)))
+    assert len(calls) == 1, "the resumed run should do exactly one more update"
+    resumed = calls[0]
+
+    assert before["update_num"] == k - 1 and resumed["update_num"] == uninterrupted["update_num"] == k
+    assert resumed["sample_ids"] == uninterrupted["sample_ids"]
+    assert resumed["beta"] == uninterrupted["beta"] == pytest.approx(4 ** (-k / 8))
+    assert resumed["n_on_policy"] == uninterrupted["n_on_policy"] and resumed["n_on_policy"] > 0
+    assert torch.equal(resumed["tokens"], uninterrupted["tokens"])
+    assert resumed["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-6)
+
+
+def test_epoch_bounded_run_needs_a_horizon(toy_data, teacher):
+    with pytest.raises(ValueError, match="--imitkd-beta-updates"):
+        build_training_objects(toy_data, "--task", "distillation", "--teacher-path", teacher,
+                               "--criterion", "imitkd", *STUDENT, "--max-epoch", "3")
+    # a constant beta needs none
+    build_training_objects(toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion", "imitkd",
+                           *STUDENT, "--max-epoch", "3", "--imitkd-beta-schedule", "constant", "--imitkd-beta", "0.3")
+
+
+@pytest.mark.parametrize("flag,value", [("--imitkd-beta", "1.5"), ("--imitkd-temperature", "0"),
+                                        ("--imitkd-topk", "-1"), ("--imitkd-beta-base", "1")])
+def test_bad_options_are_named(toy_data, teacher, flag, value):
+    with pytest.raises(ValueError, match=flag):
+        build_training_objects(toy_data, "--task", "distillation", "--teacher-path", teacher,
+                               "--criterion", "imitkd", *STUDENT, "--max-update", "10", flag, value)
+
+
+def test_sample_size_counts_scored_positions(toy_data, teacher):
+    task, model, criterion = build_training_objects(
+        toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion", "imitkd", *STUDENT,
+        "--max-update", "10", "--imitkd-beta-schedule", "constant", "--imitkd-beta", "0.5",
+    )
+    sample = first_batch(task, "train")
+    model.train()
+    torch.manual_seed(3)
+    loss, sample_size, log = criterion(model, sample)
+    assert sample_size == log["n_scored"]
+    n_on = log["n_on_policy"]
+    assert 0 < n_on < sample["nsentences"]
+    # gold rows contribute their target length, rolled-out rows their rollout length
+    torch.manual_seed(3)
+    on_policy = torch.rand(sample["nsentences"]) >= 0.5
+    gold_tokens = int(sample["target"][~on_policy].ne(task.target_dictionary.pad()).sum())
+    assert sample_size == gold_tokens + log["rollout_tokens"]

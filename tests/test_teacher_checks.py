@@ -1,0 +1,211 @@
+"""Bad teachers, dictionaries and flags fail fast, before any training, with a message naming the problem.
+
+Every check here is reached the way fairseq-train reaches it: the command line is parsed, the task set
+up, the student built, and the error comes from ``task.build_criterion`` (or, for the embedding-row
+check, from the first time the criterion asks the task for its teacher).
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import USER_DIR, build_training_objects
+
+STUDENT = ["--arch", "transformer_student_tiny", "--share-all-embeddings", "--cpu"]
+DICTS = ("dict.src.txt", "dict.tgt.txt")
+
+
+def kd_args(data, *extra):
+    return [data, "--task", "distillation", "--criterion", "word_kd", *STUDENT, *extra]
+
+
+def criterion_error(*args, exc=None) -> str:
+    """The message of the error ``build_training_objects`` raises, checked to come from build_criterion."""
+    from fairseq_imitkd.teacher import TeacherError
+
+    with pytest.raises(exc or TeacherError) as info:
+        build_training_objects(*args)
+    assert any(entry.name == "build_criterion" for entry in info.traceback), info.traceback
+    return str(info.value)
+
+
+def copy_dicts(toy_data: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in DICTS:
+        shutil.copy(toy_data / name, dest / name)
+    return dest
+
+
+def n_symbols(path: Path) -> int:
+    from fairseq.data import Dictionary
+
+    return len(Dictionary.load(str(path)))
+
+
+def swap_lines(path: Path, i: int, j: int):
+    """Swap two symbol lines of a dict file; return the two symbols (line i's first)."""
+    lines = path.read_text().splitlines(keepends=True)
+    lines[i], lines[j] = lines[j], lines[i]
+    path.write_text("".join(lines))
+    return lines[j].split()[0], lines[i].split()[0]
+
+
+# --- the teacher file ---------------------------------------------------------------------------
+
+
+def test_missing_teacher_file(toy_data, tmp_path):
+    missing = tmp_path / "nowhere" / "teacher.pt"
+    msg = criterion_error(*kd_args(toy_data, "--teacher-path", missing))
+    assert str(missing) in msg and "no such file" in msg, msg
+
+
+def test_kd_criterion_without_teacher_path(toy_data):
+    msg = criterion_error(*kd_args(toy_data))
+    assert "--teacher-path" in msg, msg
+
+
+def test_the_student_task_alone_needs_no_teacher(toy_data):
+    """The same command without a KD criterion builds fine: the teacher is only a KD criterion's need."""
+    task, _, criterion = build_training_objects(toy_data, "--task", "distillation", *STUDENT)
+    assert not getattr(criterion, "needs_teacher", False)
+    assert task._teacher is None
+
+
+# --- the teacher's dictionaries -------------------------------------------------------------------
+
+
+def test_teacher_dictionary_of_another_size(toy_data, teacher, tmp_path):
+    data = copy_dicts(toy_data, tmp_path / "teacher_data")
+    n_task = n_symbols(toy_data / "dict.tgt.txt")
+    with open(data / "dict.tgt.txt", "a") as f:
+        f.write("extra0 1\nextra1 1\nextra2 1\n")
+    msg = criterion_error(*kd_args(toy_data, "--teacher-path", teacher, "--teacher-data", data))
+    assert "target dictionary mismatch" in msg, msg
+    assert f"task ({n_task} symbols)" in msg and f"teacher ({n_task + 3} symbols" in msg, msg
+    assert str(data) in msg, msg
+    # the first difference is where the task's dictionary ends
+    assert f"index {n_task}: task <end of dictionary>, teacher 'extra0'" in msg, msg
+
+
+def test_teacher_dictionary_in_another_order(toy_data, teacher, tmp_path):
+    from fairseq.data import Dictionary
+
+    data = copy_dicts(toy_data, tmp_path / "teacher_data")
+    first, second = swap_lines(data / "dict.tgt.txt", 2, 3)
+    assert n_symbols(data / "dict.tgt.txt") == n_symbols(toy_data / "dict.tgt.txt")
+    index = Dictionary().nspecial + 2
+    msg = criterion_error(*kd_args(toy_data, "--teacher-path", teacher, "--teacher-data", data))
+    assert "target dictionary mismatch" in msg, msg
+    assert f"first difference at index {index}: task {first!r}, teacher {second!r}" in msg, msg
+
+
+def test_teacher_dictionary_in_another_order_stops_fairseq_train(toy_data, teacher, tmp_path):
+    """The same check through the real fairseq-train process: non-zero exit, the reason on stderr."""
+    data = copy_dicts(toy_data, tmp_path / "teacher_data")
+    swap_lines(data / "dict.src.txt", 0, 5)
+    first, second = swap_lines(data / "dict.tgt.txt", 0, 5)
+    save = tmp_path / "save"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.train", str(toy_data), "--user-dir", USER_DIR,
+         "--task", "distillation", "--teacher-path", str(teacher), "--teacher-data", str(data),
+         "--criterion", "word_kd", *STUDENT, "--optimizer", "adam", "--lr", "0.001", "--max-tokens", "2000",
+         "--num-workers", "0", "--max-update", "2", "--save-dir", str(save), "--no-progress-bar"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert "TeacherError" in proc.stderr, proc.stderr[-3000:]
+    index = 4  # line 0 of a dict file is symbol 4: fairseq's <s>, <pad>, </s>, <unk> come first
+    assert "source dictionary mismatch" in proc.stderr, proc.stderr[-3000:]
+    assert f"first difference at index {index}: task {first!r}, teacher {second!r}" in proc.stderr, proc.stderr[-3000:]
+    assert not list(save.glob("*.pt")), "no checkpoint may be written"
+    assert "begin training" not in proc.stderr
+
+
+def test_teacher_data_without_dictionaries(toy_data, teacher, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "dict.src.txt").write_text((toy_data / "dict.src.txt").read_text())  # one of the two only
+    msg = criterion_error(*kd_args(toy_data, "--teacher-path", teacher, "--teacher-data", empty))
+    assert "--teacher-data" in msg and str(empty) in msg and "dict.tgt.txt" in msg, msg
+
+
+def test_default_teacher_data_falls_back_to_the_checkpoint_folder(toy_data, teacher, tmp_path):
+    """No --teacher-data and a recorded data dir that is gone: an error asking for --teacher-data,
+    until the dictionaries are put beside the checkpoint."""
+    from fairseq_imitkd.teacher import Teacher, resolve_teacher_data
+
+    alone = tmp_path / "shipped"
+    alone.mkdir()
+    state = torch.load(teacher, map_location="cpu")
+    assert state["cfg"]["task"]["data"] == str(toy_data)
+    state["cfg"]["task"]["data"] = "/nonexistent"
+    torch.save(state, alone / "teacher.pt")
+    del state
+
+    args = kd_args(toy_data, "--teacher-path", alone / "teacher.pt")
+    msg = criterion_error(*args)
+    assert "--teacher-data" in msg and "/nonexistent" in msg and str(alone / "teacher.pt") in msg, msg
+
+    copy_dicts(toy_data, alone)
+    assert resolve_teacher_data(str(alone / "teacher.pt"), None, ("src", "tgt")) == str(alone)
+    task, _, criterion = build_training_objects(*args)
+    loaded = task.teacher(torch.device("cpu"))
+    assert isinstance(loaded, Teacher) and len(loaded.models) == 1
+    assert loaded.models[0].encoder.embed_tokens.weight.size(0) == len(task.source_dictionary)
+
+
+def test_dictionaries_that_are_not_the_teachers_own(toy_data, teacher, tmp_path):
+    """Student data and --teacher-data agree with each other, but not with the teacher's embeddings."""
+    from fairseq.data import Dictionary
+    from fairseq_imitkd.teacher import TeacherError, load_teacher
+
+    big = copy_dicts(toy_data, tmp_path / "big")
+    extra = "".join(f"new{i} 1\n" for i in range(8))
+    for name in DICTS:
+        with open(big / name, "a") as f:
+            f.write(extra)
+    rows = torch.load(teacher, map_location="cpu")["model"]["encoder.embed_tokens.weight"].size(0)
+    symbols = n_symbols(big / "dict.src.txt")
+    assert symbols == rows + 8
+    expected = f"encoder.embed_tokens.weight has {rows} rows but its source dictionary has {symbols} symbols"
+
+    big_dict = Dictionary.load(str(big / "dict.src.txt"))
+    with pytest.raises(TeacherError) as info:
+        load_teacher(str(teacher), str(big), "src", "tgt", big_dict, big_dict)
+    assert expected in str(info.value) and str(teacher) in str(info.value), info.value
+
+    # through the task: the dictionary comparison passes (same files), the first teacher() call fails
+    task, _, criterion = build_training_objects(*kd_args(big, "--teacher-path", teacher, "--teacher-data", big))
+    assert len(task.source_dictionary) == symbols
+    with pytest.raises(TeacherError) as info:
+        task.teacher(torch.device("cpu"))
+    assert expected in str(info.value), info.value
+    assert task._teacher is None
+
+
+# --- flags ----------------------------------------------------------------------------------------
+
+
+def test_teacher_fp16_and_bf16_are_exclusive(toy_data, teacher):
+    with pytest.raises(ValueError) as info:
+        build_training_objects(*kd_args(toy_data, "--teacher-path", teacher, "--teacher-fp16", "--teacher-bf16"))
+    assert "--teacher-fp16" in str(info.value) and "--teacher-bf16" in str(info.value), info.value
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--kd-alpha", "1.5"), ("--kd-alpha", "-0.1"), ("--kd-temperature", "0"), ("--label-smoothing", "1")],
+)
+def test_out_of_range_criterion_flags(toy_data, teacher, flag, value):
+    msg = criterion_error(*kd_args(toy_data, "--teacher-path", teacher, flag, value), exc=ValueError)
+    assert flag in msg and str(float(value)) in msg, msg
+
+
+def test_kd_criterion_needs_the_distillation_task(toy_data):
+    msg = criterion_error(toy_data, "--task", "translation", "--criterion", "word_kd", *STUDENT, exc=ValueError)
+    assert "--task distillation" in msg and "--task translation" in msg, msg
