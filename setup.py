@@ -20,7 +20,10 @@ setup(
         "sentencepiece>=0.1.99",
         "numpy>=1.21",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7", "ctranslate2>=4"],
+        "ct2": ["ctranslate2>=4"],
+    },
     entry_points={
         "console_scripts": [
             "imitkd-user-dir=fairseq_imitkd.cli.user_dir:main",
