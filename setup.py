@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["fairseq_imitkd", "fairseq_imitkd.*"]),
+    # the console script's module stays outside the package so that it need not import torch/fairseq
+    py_modules=["fairseq_imitkd_user_dir"],
     install_requires=[
         # ve-fairseq is a build of fairseq main with wheels for Python 3.11/3.12 (see README:
         # the official fairseq 0.12.2 neither installs with pip>=24.1 nor imports on Python>=3.11).
@@ -26,7 +28,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "imitkd-user-dir=fairseq_imitkd.cli.user_dir:main",
+            "imitkd-user-dir=fairseq_imitkd_user_dir:main",
         ],
     },
 )

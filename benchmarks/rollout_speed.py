@@ -29,8 +29,9 @@ import torch
 
 logger = logging.getLogger("rollout_speed")
 
-DEFAULT_CHECKPOINT = "/work/shared/teachers/multi30k_de_en/checkpoint.pt"
-DEFAULT_TEXT = "/work/shared/data/multi30k"
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared")
+DEFAULT_CHECKPOINT = os.path.join(SHARED, "teachers", "multi30k_de_en", "checkpoint.pt")
+DEFAULT_TEXT = os.path.join(SHARED, "data", "multi30k")
 
 
 def parse_args(argv=None):
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--num-sentences", type=int, default=64, help="batch size: the first N sentences of --split")
     p.add_argument("--length", type=int, default=50, help="forced rollout length, final EOS included")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per method (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per method first")
     p.add_argument("--out", default="benchmarks/results/rollout_speed.json")
@@ -120,13 +122,20 @@ def naive_greedy(model, src_tokens, src_lengths, min_len, max_len, project_all=T
     return tokens[:, 1 : step + 2]
 
 
+def _sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats, warmup):
     for _ in range(warmup):
         result = fn()
     times = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         result = fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return result, times
 
@@ -141,6 +150,8 @@ def main(argv=None):
 
     model, task = load_model(args)
     src_tokens, src_lengths = load_batch(args, task)
+    model = model.to(args.device)
+    src_tokens, src_lengths = src_tokens.to(args.device), src_lengths.to(args.device)
     steps = args.length
     min_len = max_len_b = steps - 1  # steps-1 forced non-EOS tokens, then the forced EOS
     logger.info("batch %s, forced length %d, %d thread(s)", tuple(src_tokens.shape), steps, torch.get_num_threads())
@@ -183,7 +194,7 @@ def main(argv=None):
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "device": "cpu",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "checkpoint": os.path.abspath(args.checkpoint),
         "params": sum(p.numel() for p in model.parameters()),
         "data": f"{args.text_dir}/{args.split}.{args.source_lang} (first {args.num_sentences})",

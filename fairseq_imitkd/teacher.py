@@ -16,6 +16,8 @@ from fairseq import checkpoint_utils, tasks, utils
 from fairseq.data import Dictionary
 from torch import Tensor
 
+from .scoring import scored_log_probs
+
 logger = logging.getLogger(__name__)
 
 
@@ -142,12 +144,12 @@ class Teacher:
         return self
 
     @torch.no_grad()
-    def log_probs(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor) -> Tensor:
-        """Teacher-forced next-token log-probabilities ``(B, T, V)`` in float32."""
-        out = []
-        for m in self.models:
-            net_output = m(src_tokens, src_lengths, prev_output_tokens)
-            out.append(m.get_normalized_probs(net_output, log_probs=True).float())
+    def log_probs(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor,
+                  mask: Tensor) -> Tensor:
+        """Teacher-forced next-token log-probabilities ``(N, V)`` in float32 at the ``mask`` positions."""
+        out = [
+            scored_log_probs(m, src_tokens, src_lengths, prev_output_tokens, mask).float() for m in self.models
+        ]
         if len(out) == 1:
             return out[0]
         return torch.logsumexp(torch.stack(out), dim=0) - math.log(len(out))

@@ -18,6 +18,7 @@ from ..losses import hard_cross_entropy, soft_cross_entropy
 from ..rollout import rollout
 from ..schedules import beta as beta_at
 from ..schedules import check_schedule
+from ..scoring import scored_log_probs
 from .kd_criterion import KDCriterion, check_range
 
 TARGETS = ChoiceEnum(["argmax", "full"])
@@ -114,24 +115,29 @@ class ImitKDCriterion(KDCriterion):
         net_input = sample["net_input"]
         src_tokens, src_lengths = net_input["src_tokens"], net_input["src_lengths"]
         beta = self.current_beta() if model.training else 1.0
-        stats = {}
         if model.training and self.mix == "token":
+            # the rollout already holds the teacher's distributions: no second teacher pass
             prev, target, teacher_lprobs, teacher_argmax, stats = self._token_mixed(model, teacher, sample, beta)
+            mask = target.ne(self.padding_idx)
+            target = teacher_argmax = teacher_argmax[mask]
+            if teacher_lprobs is not None:
+                teacher_lprobs = teacher_lprobs[mask]
         else:
             prev, target, on_policy, stats = self._sequence_mixed(model, sample, beta)
-            teacher_lprobs = teacher.log_probs(src_tokens, src_lengths, prev)
+            mask = target.ne(self.padding_idx)
+            teacher_lprobs = teacher.log_probs(src_tokens, src_lengths, prev, mask)
             teacher_argmax = teacher_lprobs.argmax(-1)
             if self.target == "argmax":  # the teacher's action on student rows, gold on data rows
-                target = torch.where(on_policy.unsqueeze(1), teacher_argmax, target)
+                rows = on_policy.unsqueeze(1).expand_as(mask)[mask]
+                target = torch.where(rows, teacher_argmax, target[mask])
+            else:
+                target = target[mask]
 
-        net_output = model(src_tokens, src_lengths, prev)
-        lprobs = model.get_normalized_probs(net_output, log_probs=True)
-        mask = target.ne(self.padding_idx)
-        student = lprobs[mask]
+        student = scored_log_probs(model, src_tokens, src_lengths, prev, mask)
         if self.target == "full":
-            loss = soft_cross_entropy(student, teacher_lprobs[mask]).sum()
+            loss = soft_cross_entropy(student, teacher_lprobs).sum()
         else:
-            loss = hard_cross_entropy(student, target[mask]).sum()
+            loss = hard_cross_entropy(student, target).sum()
 
         n_scored = int(mask.sum())
         nsentences = src_tokens.size(0)
@@ -139,7 +145,7 @@ class ImitKDCriterion(KDCriterion):
         logging_output = {
             "loss": loss.data,
             "kd_loss": loss.data,
-            "n_agree": (student.argmax(-1) == teacher_argmax[mask]).sum().data,
+            "n_agree": (student.argmax(-1) == teacher_argmax).sum().data,
             "n_scored": n_scored,
             "ntokens": sample["ntokens"],
             "nsentences": nsentences,
@@ -155,7 +161,7 @@ class ImitKDCriterion(KDCriterion):
         gold = sample["target"]
         bsz = gold.size(0)
         if beta >= 1.0:
-            return gold_prev, gold, gold.new_zeros(bsz, dtype=torch.bool), {}
+            return gold_prev, gold, gold.new_zeros(bsz, dtype=torch.bool), {"n_on_policy": 0, "rollout_tokens": 0}
         # torch's global RNG: fairseq reseeds it every update, so a resumed run draws the same rows
         on_policy = torch.rand(bsz, device=gold.device) >= beta
         rows = on_policy.nonzero().squeeze(1)
@@ -165,7 +171,7 @@ class ImitKDCriterion(KDCriterion):
             model, sample["net_input"]["src_tokens"][rows], sample["net_input"]["src_lengths"][rows],
             **self.rollout_args,
         )
-        width = max(gold.size(1), ro.tokens.size(1))
+        width = ro.tokens.size(1) if rows.numel() == bsz else max(gold.size(1), ro.tokens.size(1))
         prev = gold_prev.new_full((bsz, width), self.padding_idx)
         target = gold.new_full((bsz, width), self.padding_idx)
         prev[:, : gold.size(1)] = gold_prev

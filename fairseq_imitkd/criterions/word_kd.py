@@ -6,6 +6,7 @@ from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
 from ..losses import agreement, word_kd_loss
+from ..scoring import scored_log_probs
 from .kd_criterion import KDCriterion, check_range
 
 
@@ -39,14 +40,11 @@ class WordKDCriterion(KDCriterion):
 
     def forward(self, model, sample, reduce=True):
         net_input = sample["net_input"]
-        net_output = model(**net_input)
-        lprobs = model.get_normalized_probs(net_output, log_probs=True)
-        target = model.get_targets(sample, net_output)
+        inputs = (net_input["src_tokens"], net_input["src_lengths"], net_input["prev_output_tokens"])
+        target = sample["target"]
         mask = target.ne(self.padding_idx)
-        teacher_lprobs = self.teacher_for(model).log_probs(
-            net_input["src_tokens"], net_input["src_lengths"], net_input["prev_output_tokens"]
-        )
-        student, teacher = lprobs[mask], teacher_lprobs[mask]
+        student = scored_log_probs(model, *inputs, mask)
+        teacher = self.teacher_for(model).log_probs(*inputs, mask)
         loss, nll, kd = word_kd_loss(student, teacher, target[mask], self.alpha, self.temperature, self.eps)
         n_scored = int(mask.sum())
         sample_size = sample["target"].size(0) if self.sentence_avg else n_scored

@@ -2,15 +2,19 @@
 
 fairseq imports a user dir by its folder name, so the value must be the folder of the very copy of
 ``fairseq_imitkd`` that Python imports here (installed or editable), never a second copy.
+
+This module lives outside the package on purpose: importing anything inside ``fairseq_imitkd`` runs its
+``__init__``, which imports torch and fairseq (seconds) to register the plugin. Here ``find_spec``
+locates the package without importing it, so ``$(imitkd-user-dir)`` in a shell is instant.
 """
+import importlib.util
 import os
 
 
 def user_dir() -> str:
-    # Resolve the package location without importing it (and fairseq): this runs inside $(...) in shells.
-    import importlib.util
-
     spec = importlib.util.find_spec("fairseq_imitkd")
+    if spec is None or spec.origin is None:
+        raise SystemExit("imitkd-user-dir: the fairseq_imitkd package is not importable from this Python")
     return os.path.dirname(os.path.abspath(spec.origin))
 
 

@@ -1,0 +1,249 @@
+"""Wall time of one imitkd update against one word_kd update: same student, batches and machine.
+
+What is timed is a whole update as fairseq-train does it, ``task.train_step`` (rollout, teacher pass,
+student forward and backward) plus the optimizer step. The methods run in turn on each real Multi30k
+batch, in a rotating order, so that drifts of a noisy machine hit all of them alike. Adam runs with
+lr=0, so the student is the same for every method and batch.
+
+The student (``transformer_student_small``) is first trained for ``--pretrain-updates`` updates with
+label-smoothed CE, so that its rollouts have realistic lengths (a random student rolls out to the
+length limit). ImitKD runs at β=0, fully on-policy. The teacher is the shared Multi30k teacher.
+
+Example (CPU, 1 thread)::
+
+    OMP_NUM_THREADS=1 python benchmarks/update_speed.py --threads 1 --out benchmarks/results/update_speed_cpu_t1.json
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+logger = logging.getLogger("update_speed")
+
+METHODS = {
+    "word_kd": ["--criterion", "word_kd", "--kd-alpha", "0.5"],
+    "imitkd_topk5": ["--criterion", "imitkd", "--imitkd-target", "argmax", "--imitkd-sampling", "topk",
+                     "--imitkd-topk", "5"],
+    "imitkd_full_greedy": ["--criterion", "imitkd", "--imitkd-target", "full", "--imitkd-sampling", "greedy"],
+    "imitkd_token_full_greedy": ["--criterion", "imitkd", "--imitkd-mix", "token", "--imitkd-target", "full",
+                                 "--imitkd-sampling", "greedy"],
+}
+BETA0 = ["--imitkd-beta-schedule", "constant", "--imitkd-beta", "0"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher-dir", default=os.path.join(SHARED, "teachers", "multi30k_de_en"))
+    p.add_argument("--text-dir", default=os.path.join(SHARED, "data", "multi30k"))
+    p.add_argument("--workdir", default="/tmp/imitkd-bench", help="binarized data and the pretrained student")
+    p.add_argument("--pretrain-updates", type=int, default=400)
+    p.add_argument("--batches", type=int, default=20, help="timed batches per method")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--teacher-fp16", action="store_true")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--out", required=True, help="JSON results; a markdown summary is printed")
+    return p.parse_args(argv)
+
+
+def run(cmd, env=None):
+    logger.info("$ %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, env=env)
+
+
+def prepare_data(args) -> str:
+    """sentencepiece-encode Multi30k and binarize it with the teacher's dictionaries (cached)."""
+    import sentencepiece
+
+    bin_dir = os.path.join(args.workdir, "bin")
+    if os.path.exists(os.path.join(bin_dir, "train.de-en.de.bin")):
+        return bin_dir
+    os.makedirs(args.workdir, exist_ok=True)
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(args.teacher_dir, "spm.model"))
+    for split in ("train", "val"):
+        for lang in ("de", "en"):
+            with open(os.path.join(args.text_dir, f"{split}.{lang}"), encoding="utf-8") as fin, \
+                    open(os.path.join(args.workdir, f"{split}.spm.{lang}"), "w", encoding="utf-8") as fout:
+                for line in fin:
+                    fout.write(" ".join(sp.encode(line.strip(), out_type=str)) + "\n")
+    run([sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "de", "--target-lang", "en",
+         "--trainpref", os.path.join(args.workdir, "train.spm"), "--validpref", os.path.join(args.workdir, "val.spm"),
+         "--srcdict", os.path.join(args.teacher_dir, "dict.de.txt"),
+         "--tgtdict", os.path.join(args.teacher_dir, "dict.en.txt"), "--destdir", bin_dir, "--workers", "2"])
+    return bin_dir
+
+
+def pretrain_student(args, bin_dir) -> str:
+    save = os.path.join(args.workdir, f"student_{args.pretrain_updates}")
+    ckpt = os.path.join(save, "checkpoint_last.pt")
+    if os.path.exists(ckpt):
+        return ckpt
+    cmd = [sys.executable, "-m", "fairseq_cli.train", bin_dir, "--user-dir", os.path.join(REPO, "fairseq_imitkd"),
+           "--arch", "transformer_student_small", "--share-all-embeddings",
+           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+           "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt",
+           "--warmup-updates", "100", "--max-tokens", "4096", "--max-update", str(args.pretrain_updates),
+           "--save-dir", save, "--no-epoch-checkpoints", "--seed", "1", "--log-interval", "100",
+           "--no-progress-bar"]
+    if args.device == "cpu":
+        cmd.append("--cpu")
+    run(cmd)
+    return ckpt
+
+
+def build(bin_dir, student_ckpt, args):
+    """The task, the pretrained student and one criterion per method, as fairseq-train builds them."""
+    from fairseq import checkpoint_utils, options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    common = [bin_dir, "--user-dir", os.path.join(REPO, "fairseq_imitkd"), "--task", "distillation",
+              "--teacher-path", os.path.join(args.teacher_dir, "checkpoint.pt"), "--teacher-data", args.teacher_dir,
+              "--arch", "transformer_student_small", "--share-all-embeddings", "--max-update", "1000"]
+    if args.teacher_fp16:
+        common.append("--teacher-fp16")
+    criteria, task, model = {}, None, None
+    for name in args.methods.split(","):
+        parser = options.get_training_parser()
+        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, common + METHODS[name] + (BETA0 if name != "word_kd" else [])))
+        if task is None:
+            task = tasks.setup_task(cfg.task)
+            model = task.build_model(cfg.model)
+            state = checkpoint_utils.load_checkpoint_to_cpu(student_ckpt)
+            model.load_state_dict(state["model"])
+        criteria[name] = task.build_criterion(cfg.criterion)
+    return task, model.to(args.device), criteria
+
+
+@contextlib.contextmanager
+def timed(store, key, sync):
+    sync()
+    t0 = time.perf_counter()
+    yield
+    sync()
+    store[key] = store.get(key, 0.0) + time.perf_counter() - t0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, REPO)
+    from fairseq import utils
+    from fairseq.optim.adam import FairseqAdam
+    from omegaconf import OmegaConf
+
+    import fairseq_imitkd.criterions.imitkd as imitkd_module
+    from fairseq_imitkd.teacher import Teacher
+
+    bin_dir = prepare_data(args)
+    student_ckpt = pretrain_student(args, bin_dir)
+    task, model, criteria = build(bin_dir, student_ckpt, args)
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    optimizer = FairseqAdam(OmegaConf.create({
+        "lr": [0.0], "adam_betas": "(0.9, 0.98)", "adam_eps": 1e-8, "weight_decay": 0.0, "use_old_adam": False,
+        "fp16_adam_stats": False, "tpu": False}), [p for p in model.parameters() if p.requires_grad])
+
+    # breakdown: time spent in the rollout and in teacher passes, per method
+    parts = {}
+    real_rollout, real_teacher = imitkd_module.rollout, Teacher.log_probs
+    current = {"method": None}
+
+    def timed_rollout(*a, **k):
+        with timed(parts.setdefault(current["method"], {}), "rollout_s", sync):
+            return real_rollout(*a, **k)
+
+    def timed_teacher(self, *a, **k):
+        with timed(parts.setdefault(current["method"], {}), "teacher_pass_s", sync):
+            return real_teacher(self, *a, **k)
+
+    imitkd_module.rollout = timed_rollout
+    Teacher.log_probs = timed_teacher
+
+    task.load_dataset("train")
+    itr = task.get_batch_iterator(task.dataset("train"), max_tokens=args.max_tokens, seed=1,
+                                  max_positions=(1024, 1024)).next_epoch_itr(shuffle=True)
+    batches = [b for _, b in zip(range(args.warmup + args.batches), itr)]
+    names = list(criteria)
+    times = {n: [] for n in names}
+    logs = {n: [] for n in names}
+    for i, sample in enumerate(batches):
+        sample = utils.move_to_cuda(sample) if cuda else sample
+        order = names[i % len(names):] + names[: i % len(names)]
+        for name in order:
+            if i == args.warmup:
+                parts.pop(name, None)  # breakdown over timed batches only
+            current["method"] = name
+            torch.manual_seed(i)
+            sync()
+            t0 = time.perf_counter()
+            _, _, log = task.train_step(sample, model, criteria[name], optimizer, update_num=0)
+            optimizer.step()
+            optimizer.zero_grad()
+            sync()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+                logs[name].append({k: float(v) for k, v in log.items()})
+
+    results = {}
+    base = sum(times["word_kd"]) if "word_kd" in times else None
+    for name in names:
+        total = sum(times[name])
+        ntok = sum(log["ntokens"] for log in logs[name])
+        rolled = sum(log.get("n_on_policy", log.get("n_rollouts", 0)) for log in logs[name])
+        r = {
+            "total_s": total,
+            "median_update_s": statistics.median(times[name]),
+            "target_tokens_per_s": ntok / total,
+            "ratio_vs_word_kd": total / base if base else None,
+        }
+        if rolled:
+            r["mean_rollout_len"] = sum(log["rollout_tokens"] for log in logs[name]) / rolled
+        for key, value in parts.get(name, {}).items():
+            r[key] = value
+            r[key.replace("_s", "_share")] = value / total
+        results[name] = r
+
+    out = {
+        "benchmark": "update_speed",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "teacher_dtype": "float16" if args.teacher_fp16 else "float32",
+        "student": "transformer_student_small (3+1 layers, d=128), pretrained "
+                   f"{args.pretrain_updates} updates with label-smoothed CE",
+        "batches": args.batches, "max_tokens": args.max_tokens, "beta": 0.0,
+        "methods": results,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"\n{out['device']}, torch {out['torch']}, {out['threads']} thread(s), {args.batches} batches of "
+          f"<= {args.max_tokens} tokens, beta=0\n")
+    print("| method | s/update (median) | ratio vs word_kd (total) | mean rollout len | rollout share | teacher share |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['median_update_s']:.3f} | {r['ratio_vs_word_kd']:.2f} | "
+              f"{r.get('mean_rollout_len', float('nan')):.1f} | {r.get('rollout_share', 0):.2f} | "
+              f"{r.get('teacher_pass_share', 0):.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Next-token log-probabilities at the scored positions only.
+
+A teacher-forced pass normally projects every position of the padded ``(B, T)`` batch onto the
+vocabulary, and with a small model that projection is most of the cost. Rollouts make padding worse
+than gold batches: one rambling row sets the width of the whole batch. So the decoder runs in
+``features_only`` mode and only the ``N`` positions that are scored are projected and normalised.
+"""
+from torch import Tensor
+
+
+def scored_log_probs(model, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor,
+                     mask: Tensor) -> Tensor:
+    """``(N, V)`` log-probabilities of ``model`` at the ``N`` positions where ``mask`` is True.
+
+    Equal, position by position, to ``model.get_normalized_probs(model(...), log_probs=True)[mask]``
+    (float32 for half-precision models, as fairseq's normalisation upcasts). Models without a
+    ``features_only`` decoder fall back to that full computation.
+    """
+    decoder = getattr(model, "decoder", None)
+    if decoder is None or not hasattr(decoder, "output_layer") or getattr(decoder, "adaptive_softmax", None):
+        net_output = model(src_tokens, src_lengths, prev_output_tokens)
+        return model.get_normalized_probs(net_output, log_probs=True)[mask]
+    encoder_out = model.encoder(src_tokens, src_lengths=src_lengths)
+    features, extra = decoder(prev_output_tokens, encoder_out=encoder_out, features_only=True)
+    logits = decoder.output_layer(features[mask])
+    return model.get_normalized_probs((logits, extra), log_probs=True)
