@@ -1,6 +1,7 @@
 """imitkd through the real fairseq-train: both mixing modes, both targets, and exact resume."""
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,11 +42,28 @@ def test_imitkd_trains_through_fairseq_train(toy_data, teacher, tmp_path, mix, t
 
 
 def test_imitkd_student_decodes(toy_data, teacher, tmp_path):
+    """Selected by validation BLEU, as README recommends; that checkpoint holds numpy arrays (the BLEU
+    meters' counts), which torch's safe loading must accept through the plugin's allow-list."""
     from conftest import fairseq_train
 
     fairseq_train(*imitkd_args(toy_data, teacher, tmp_path, "--imitkd-beta-schedule", "constant",
-                               "--imitkd-beta", "0", "--max-update", "3"))
-    hyps, _ = fairseq_generate(toy_data, "--path", tmp_path / "checkpoint_last.pt", "--gen-subset", "test",
+                               "--imitkd-beta", "0", "--max-update", "3", "--eval-bleu",
+                               "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric"))
+    best = tmp_path / "checkpoint_best.pt"
+    state = torch.load(best)  # weights_only=True, torch's default
+
+    def arrays(obj):
+        if isinstance(obj, np.ndarray):
+            return 1
+        if isinstance(obj, dict):
+            return sum(arrays(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(arrays(v) for v in obj)
+        return 0
+
+    assert arrays(state["extra_state"]["metrics"]) > 0
+    assert "bleu" in read_json_log(tmp_path / "log.txt", "valid")[-1]
+    hyps, _ = fairseq_generate(toy_data, "--path", best, "--gen-subset", "test",
                                "--beam", "1", "--batch-size", "50", "--required-batch-size-multiple", "1", "--cpu")
     assert len(hyps) == 100
 
@@ -143,3 +161,20 @@ def test_sample_size_counts_scored_positions(toy_data, teacher):
     on_policy = torch.rand(sample["nsentences"]) >= 0.5
     gold_tokens = int(sample["target"][~on_policy].ne(task.target_dictionary.pad()).sum())
     assert sample_size == gold_tokens + log["rollout_tokens"]
+
+
+def test_fully_on_policy_rollouts_shorter_than_gold(toy_data, teacher):
+    """β=0 and rollouts capped at 3 tokens while gold targets are up to 11: the batch is exactly as wide
+    as the rollouts, and only rollout positions are scored."""
+    task, model, criterion = build_training_objects(
+        toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion", "imitkd", *STUDENT,
+        "--max-update", "10", "--imitkd-beta-schedule", "constant", "--imitkd-beta", "0",
+        "--imitkd-max-len-a", "0", "--imitkd-max-len-b", "2", "--imitkd-target", "full",
+    )
+    sample = first_batch(task, "train")
+    assert sample["target"].size(1) > 3
+    model.train()
+    loss, sample_size, log = criterion(model, sample)
+    assert log["n_on_policy"] == sample["nsentences"]
+    assert sample_size == log["rollout_tokens"] <= 3 * sample["nsentences"]
+    assert torch.isfinite(loss)

@@ -171,13 +171,15 @@ class ImitKDCriterion(KDCriterion):
             model, sample["net_input"]["src_tokens"][rows], sample["net_input"]["src_lengths"][rows],
             **self.rollout_args,
         )
-        width = ro.tokens.size(1) if rows.numel() == bsz else max(gold.size(1), ro.tokens.size(1))
+        data = ~on_policy
+        has_data = bool(data.any())
+        # no wider than the rows actually kept: padding costs a full pass of teacher and student
+        width = max(ro.tokens.size(1), gold.size(1) if has_data else 0)
         prev = gold_prev.new_full((bsz, width), self.padding_idx)
         target = gold.new_full((bsz, width), self.padding_idx)
-        prev[:, : gold.size(1)] = gold_prev
-        target[:, : gold.size(1)] = gold
-        prev[rows] = self.padding_idx
-        target[rows] = self.padding_idx
+        if has_data:
+            prev[data, : gold.size(1)] = gold_prev[data]
+            target[data, : gold.size(1)] = gold[data]
         prev[rows, : ro.tokens.size(1)] = ro.prev_output_tokens
         target[rows, : ro.tokens.size(1)] = ro.tokens  # only its pad pattern is used for student rows
         stats = {"n_on_policy": int(rows.numel()), "rollout_tokens": int(ro.lengths.sum())}

@@ -1,0 +1,249 @@
+"""imitkd-seqkd: sequence-level KD corpora, checked against fairseq-generate and sacrebleu.
+
+The distilled split is a 100-sentence copy of the toy ``valid`` split, named ``train`` so that the output
+directory trains with fairseq-train's defaults.
+"""
+import filecmp
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import COMMON_TRAIN, fairseq_generate, fairseq_train, read_json_log
+
+GEN = ["--cpu", "--batch-size", "16"]  # the same batches for imitkd-seqkd and fairseq-generate
+RUN = [*GEN, "--no-progress-bar"]
+N = 100
+
+
+def seqkd(*args) -> dict:
+    """Run the builder in-process; its summary (which shards were decoded, reused, merged; the stats)."""
+    from fairseq_imitkd.cli.seqkd import build, get_parser
+
+    return build(get_parser().parse_args([str(a) for a in args]))
+
+
+def seqkd_main(capsys, *args):
+    """Run the console entry point; its exit code and stderr."""
+    from fairseq_imitkd.cli.seqkd import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def tokens(prefix: Path):
+    from fairseq_imitkd.seqkd import read_indexed
+
+    return read_indexed(str(prefix))
+
+
+def snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def generate_nbest(data: Path, teacher: Path, beam: int, nbest: int):
+    """fairseq-generate's n-best lists ``{id: [hypothesis, ...]}`` (best first) and references ``{id: text}``."""
+    _, out = fairseq_generate(data, "--path", teacher, "--gen-subset", "train", "--beam", beam, "--nbest", nbest,
+                              "--required-batch-size-multiple", "1", "--num-workers", "0", *GEN)
+    hyps, refs = {}, {}
+    for line in out.splitlines():
+        if m := re.match(r"H-(\d+)\t[^\t]*\t(.*)$", line):
+            hyps.setdefault(int(m[1]), []).append(m[2])
+        elif m := re.match(r"T-(\d+)\t(.*)$", line):
+            refs[int(m[1])] = m[2]
+    return hyps, refs
+
+
+@pytest.fixture(scope="module")
+def small_data(toy_data, tmp_path_factory) -> Path:
+    """toy_data's dictionaries and valid/test splits, plus its valid split again as ``train``."""
+    data = tmp_path_factory.mktemp("seqkd_data")
+    for f in toy_data.iterdir():
+        if f.name.startswith(("dict.", "valid.", "test.")):
+            shutil.copy(f, data / f.name)
+        if f.name.startswith("valid."):
+            shutil.copy(f, data / f.name.replace("valid.", "train.", 1))
+    return data
+
+
+@pytest.fixture(scope="module")
+def seqkd_top(small_data, teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("seqkd_top") / "out"
+    summary = seqkd(small_data, "-o", out, "--teacher-path", teacher, *RUN)
+    return out, summary
+
+
+def test_seqkd_corpus_is_fairseq_generate_beam5(small_data, teacher, seqkd_top):
+    from fairseq.data import Dictionary
+
+    out, summary = seqkd_top
+    assert summary["decoded_shards"] == [0] and summary["merged"]
+    # the dictionaries, the source side and the copied splits are the input's files, byte for byte
+    copied = [f"{s}.src-tgt.{lang}.{ext}" for s in ("valid", "test") for lang in ("src", "tgt")
+              for ext in ("bin", "idx")]
+    for name in ["dict.src.txt", "dict.tgt.txt", "train.src-tgt.src.bin", "train.src-tgt.src.idx", *copied]:
+        assert filecmp.cmp(small_data / name, out / name, shallow=False), name
+    # ... so the source side is unchanged line for line
+    src_in, src_out = tokens(small_data / "train.src-tgt.src"), tokens(out / "train.src-tgt.src")
+    assert len(src_out) == len(src_in) == N
+    assert all(np.array_equal(a, b) for a, b in zip(src_in, src_out))
+    # the targets: fairseq-generate --beam 5's hypotheses, by sample id (the split's original order)
+    targets = tokens(out / "train.src-tgt.tgt")
+    assert len(targets) == N
+    hyps, _ = generate_nbest(small_data, teacher, beam=5, nbest=1)
+    assert sorted(hyps) == list(range(N))
+    tgt_dict = Dictionary.load(str(out / "dict.tgt.txt"))
+    for i, target in enumerate(targets):
+        assert target[-1] == tgt_dict.eos() and tgt_dict.eos() not in target[:-1]  # as fairseq-preprocess writes
+        assert tgt_dict.string(target) == hyps[i][0], i
+    stats = json.loads((out / "seqkd_stats.json").read_text())
+    assert stats["sentences"] == N and stats["sentences_per_second"] > 0
+    assert stats["mean_target_length"] == pytest.approx(np.mean([len(t) - 1 for t in targets]))
+    manifest = json.loads((out / "seqkd_manifest.json").read_text())
+    assert manifest["merged"] and manifest["settings"]["beam"] == 5 and manifest["settings"]["select"] == "top"
+
+
+def test_seq_inter_picks_the_best_sentence_bleu_of_the_nbest(small_data, teacher, tmp_path):
+    from fairseq.data import Dictionary
+    from sacrebleu.metrics import BLEU
+
+    out = tmp_path / "inter"
+    seqkd(small_data, "-o", out, "--teacher-path", teacher, "--beam", 4, "--nbest", 4, "--select", "sentence-bleu",
+          *RUN)
+    hyps, refs = generate_nbest(small_data, teacher, beam=4, nbest=4)
+    tgt_dict = Dictionary.load(str(out / "dict.tgt.txt"))
+    chosen = [tgt_dict.string(t) for t in tokens(out / "train.src-tgt.tgt")]
+    bleu = BLEU(effective_order=True, smooth_method="exp", tokenize="none")  # the documented default scoring
+    best, top = [], []
+    for i, text in enumerate(chosen):
+        assert text in hyps[i], (i, text, hyps[i])
+        scores = [bleu.sentence_score(h, [refs[i]]).score for h in hyps[i]]
+        assert bleu.sentence_score(text, [refs[i]]).score == max(scores), (i, scores)
+        best.append(max(scores))
+        top.append(scores[0])
+    assert np.mean(best) >= np.mean(top)
+    stats = json.loads((out / "seqkd_stats.json").read_text())
+    assert stats["mean_sentence_bleu_chosen"] == pytest.approx(np.mean(best))
+    assert stats["mean_sentence_bleu_top"] == pytest.approx(np.mean(top))
+    changed = [text != hyps[i][0] for i, text in enumerate(chosen)]
+    assert stats["changed_fraction"] == pytest.approx(np.mean(changed))
+    assert any(changed)  # the toy teacher's n-best does hold better candidates than its top
+
+
+def test_shards_resume_and_merge_to_the_one_shard_corpus(small_data, teacher, seqkd_top, tmp_path):
+    out = tmp_path / "sharded"
+    args = [small_data, "-o", out, "--teacher-path", teacher, *RUN, "--num-shards", 3]
+    first = seqkd(*args, "--shard-id", 0)
+    assert first["decoded_shards"] == [0] and first["missing_shards"] == [1, 2] and not first["merged"]
+    assert not (out / "train.src-tgt.tgt.bin").exists()
+    assert seqkd(*args, "--shard-id", 1)["missing_shards"] == [2]
+    assert seqkd(*args, "--shard-id", 1)["decoded_shards"] == []  # finished shards are never redone
+    last = seqkd(*args, "--shard-id", 2)
+    assert last["decoded_shards"] == [2] and last["merged"]
+
+    reference = tokens(seqkd_top[0] / "train.src-tgt.tgt")
+
+    def same_as_one_shard():
+        merged = tokens(out / "train.src-tgt.tgt")
+        return len(merged) == N and all(np.array_equal(a, b) for a, b in zip(merged, reference))
+
+    assert same_as_one_shard()
+    assert filecmp.cmp(small_data / "train.src-tgt.src.bin", out / "train.src-tgt.src.bin", shallow=False)
+
+    # an interrupted run: shard 1's output is lost; a rerun redoes shard 1 alone, then merges again
+    shards = out / ".shards"
+    for f in shards.glob("shard1-of-3.*"):
+        f.unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
+    again = seqkd(*args)
+    assert again["decoded_shards"] == [1] and again["reused_shards"] == [0, 2] and again["merged"]
+    assert all(shards.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
+    assert same_as_one_shard()
+    # complete: a rerun with the same settings decodes nothing and rewrites nothing
+    before = snapshot(out)
+    done = seqkd(*args)
+    assert done["decoded_shards"] == [] and not done["merged"] and snapshot(out) == before
+
+
+def test_fairseq_train_trains_on_the_corpus(seqkd_top, tmp_path):
+    out, _ = seqkd_top
+    save = tmp_path / "student"
+    save.mkdir()
+    fairseq_train(out, "--task", "translation", "--arch", "transformer_student_tiny", "--share-all-embeddings",
+                  *COMMON_TRAIN, "--max-update", "3", "--save-dir", save, "--log-file", save / "log.txt",
+                  "--no-save-optimizer-state")
+    assert (save / "checkpoint_last.pt").is_file()
+    rows = read_json_log(save / "log.txt", "train")
+    assert rows and int(rows[-1]["num_updates"]) == 3, rows
+
+
+# --- bad input: exit code 2, a message naming the problem, nothing written ----------------------------------
+
+
+def test_missing_split(small_data, teacher, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = seqkd_main(capsys, small_data, "-o", out, "--teacher-path", teacher, "--split", "nosuch", *RUN)
+    assert code == 2 and "nosuch.src-tgt.src.bin" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_missing_data_dir_and_teacher(small_data, teacher, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = seqkd_main(capsys, tmp_path / "nodata", "-o", out, "--teacher-path", teacher, *RUN)
+    assert code == 2 and "data directory not found" in err, err
+    code, err = seqkd_main(capsys, small_data, "-o", out, "--teacher-path", tmp_path / "none.pt", *RUN)
+    assert code == 2 and "no such file" in err and "none.pt" in err, err
+    assert not out.exists()
+
+
+def test_teacher_dictionary_mismatch(small_data, teacher, tmp_path, capsys):
+    teacher_data = tmp_path / "teacher_data"
+    teacher_data.mkdir()
+    for name in ("dict.src.txt", "dict.tgt.txt"):
+        lines = (small_data / name).read_text().splitlines(keepends=True)
+        lines[2], lines[3] = lines[3], lines[2]  # same symbols, another order
+        (teacher_data / name).write_text("".join(lines))
+    out = tmp_path / "out"
+    code, err = seqkd_main(capsys, small_data, "-o", out, "--teacher-path", teacher, "--teacher-data", teacher_data,
+                           *RUN)
+    assert code == 2 and "dictionary mismatch" in err and "first difference at index" in err, err
+    assert not out.exists()
+
+
+def test_output_holding_another_corpus_is_left_alone(small_data, teacher, seqkd_top, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(seqkd_top[0], out)
+    before = snapshot(out)
+    code, err = seqkd_main(capsys, small_data, "-o", out, "--teacher-path", teacher, "--beam", 3, *RUN)
+    assert code == 2 and "different seq-KD corpus" in err and "beam: 3 now, 5 there" in err, err
+    assert snapshot(out) == before
+    # a directory that is no seq-KD corpus at all (the input data, here) and the input itself
+    code, err = seqkd_main(capsys, small_data, "-o", small_data, "--teacher-path", teacher, *RUN)
+    assert code == 2 and "is the data directory itself" in err, err
+    other = tmp_path / "other"
+    shutil.copytree(small_data, other)
+    code, err = seqkd_main(capsys, small_data, "-o", other, "--teacher-path", teacher, *RUN)
+    assert code == 2 and "seqkd_manifest.json" in err, err
+    # --overwrite replaces the other corpus
+    assert seqkd(small_data, "-o", out, "--teacher-path", teacher, "--beam", 3, "--overwrite", *RUN)["merged"]
+    assert json.loads((out / "seqkd_manifest.json").read_text())["settings"]["beam"] == 3
+
+
+def test_option_errors(small_data, teacher, tmp_path, capsys):
+    base = [small_data, "-o", tmp_path / "out", "--teacher-path", teacher, *RUN]
+    for extra, message in [
+        (["--nbest", 6], "--nbest 6 must be between 1 and --beam 5"),
+        (["--nbest", 2], "only used by --select sentence-bleu"),
+        (["--num-shards", 2, "--shard-id", 2], "--shard-id 2 is not in [0, 2)"),
+        (["--merge"], "shards [0] of 1 are not finished"),
+        (["--copy-splits", "valid,nosuch"], "nosuch.src-tgt.src.bin"),
+    ]:
+        code, err = seqkd_main(capsys, *base, *extra)
+        assert code == 2 and message in err, (extra, err)
+    assert not (tmp_path / "out").exists()
