@@ -25,6 +25,8 @@ import torch
 from fairseq.sequence_generator import EnsembleModel
 from torch import Tensor, nn
 
+from .scoring import attention_backends
+
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("greedy", "topk")
@@ -213,7 +215,7 @@ def rollout(
 
     dictionary = model.decoder.dictionary
     eos, pad = dictionary.eos(), dictionary.pad()
-    with _eval_mode([model] + teachers):
+    with _eval_mode([model] + teachers), attention_backends(src_tokens.device):
         return _decode(
             model, teachers, src_tokens, src_lengths, eos=eos, pad=pad,
             max_len=max_len, min_len=min_len, sampling=sampling, topk=topk,

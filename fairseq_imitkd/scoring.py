@@ -5,7 +5,27 @@ vocabulary, and with a small model that projection is most of the cost. Rollouts
 than gold batches: one rambling row sets the width of the whole batch. So the decoder runs in
 ``features_only`` mode and only the ``N`` positions that are scored are projected and normalised.
 """
+import contextlib
+
 from torch import Tensor
+
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover
+    sdpa_kernel = None
+
+
+def attention_backends(device):
+    """Keep scaled-dot-product attention off cuDNN on CUDA.
+
+    In half precision torch picks cuDNN's attention, which builds a new execution plan for every new
+    batch shape: on an H100 that cost 5.7 ms of CPU per attention call against 40 µs on the GPU, and
+    made an fp16 teacher pass 50× slower than fp32 (benchmarks/README.md). Batches of text change
+    shape every step, so flash / memory-efficient attention are the right kernels here.
+    """
+    if sdpa_kernel is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def scored_log_probs(model, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor,
@@ -18,9 +38,11 @@ def scored_log_probs(model, src_tokens: Tensor, src_lengths: Tensor, prev_output
     """
     decoder = getattr(model, "decoder", None)
     if decoder is None or not hasattr(decoder, "output_layer") or getattr(decoder, "adaptive_softmax", None):
-        net_output = model(src_tokens, src_lengths, prev_output_tokens)
+        with attention_backends(src_tokens.device):
+            net_output = model(src_tokens, src_lengths, prev_output_tokens)
         return model.get_normalized_probs(net_output, log_probs=True)[mask]
-    encoder_out = model.encoder(src_tokens, src_lengths=src_lengths)
-    features, extra = decoder(prev_output_tokens, encoder_out=encoder_out, features_only=True)
+    with attention_backends(src_tokens.device):
+        encoder_out = model.encoder(src_tokens, src_lengths=src_lengths)
+        features, extra = decoder(prev_output_tokens, encoder_out=encoder_out, features_only=True)
     logits = decoder.output_layer(features[mask])
     return model.get_normalized_probs((logits, extra), log_probs=True)

@@ -46,6 +46,12 @@ def fairseq_preprocess(*args) -> None:
     preprocess.main(parser.parse_args([str(a) for a in args]))
 
 
+def _all_loggers():
+    return [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+
+
 def fairseq_train(*args) -> None:
     from fairseq import checkpoint_utils, options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
@@ -57,7 +63,17 @@ def fairseq_train(*args) -> None:
         del checkpoint_utils.save_checkpoint.best
     parser = options.get_training_parser()
     parsed = options.parse_args_and_arch(parser, ["--user-dir", USER_DIR, *[str(a) for a in args]])
-    train.main(convert_namespace_to_omegaconf(parsed))
+    before = {id(lg): list(lg.handlers) for lg in _all_loggers()}
+    try:
+        train.main(convert_namespace_to_omegaconf(parsed))
+    finally:
+        # fairseq adds a --log-file handler per run (and per epoch) and never removes it: in one process,
+        # later runs would keep writing into this run's log
+        for lg in _all_loggers():
+            for handler in list(lg.handlers):
+                if isinstance(handler, logging.FileHandler) and handler not in before.get(id(lg), []):
+                    lg.removeHandler(handler)
+                    handler.close()
 
 
 def fairseq_generate(data, *args):
