@@ -13,8 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-TEACHER_DIR = "/work/shared/teachers/multi30k_de_en"
-DATA_DIR = "/work/shared/data/multi30k"
+# ../shared beside the checkout (CI puts it there), or IMITKD_SHARED
+SHARED = os.environ.get("IMITKD_SHARED", os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "shared"))
+TEACHER_DIR = os.path.join(SHARED, "teachers", "multi30k_de_en")
+DATA_DIR = os.path.join(SHARED, "data", "multi30k")
 N_SENTENCES = 32
 
 pytestmark = pytest.mark.skipif(
