@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -93,6 +92,8 @@ def naive_greedy(model, src_tokens, src_lengths, min_len, max_len, project_all=T
     otherwise only the last position is projected, a stronger baseline.  Same masking rules as
     ``rollout`` (pad never, EOS forbidden before ``min_len``, only EOS at ``max_len``).
     """
+    from fairseq_imitkd.rollout import apply_generation_rules
+
     dictionary = model.decoder.dictionary
     eos, pad = dictionary.eos(), dictionary.pad()
     encoder_out = model.encoder(src_tokens, src_lengths=src_lengths)
@@ -108,12 +109,7 @@ def naive_greedy(model, src_tokens, src_lengths, min_len, max_len, project_all=T
             features, extra = model.decoder(tokens[:, : step + 1], encoder_out=encoder_out, features_only=True)
             logits = model.decoder.output_layer(features[:, -1:])
         lprobs = model.get_normalized_probs((logits, extra), log_probs=True)[:, -1]
-        lprobs[:, pad] = -math.inf
-        if step >= max_len:
-            lprobs[:, :eos] = -math.inf
-            lprobs[:, eos + 1 :] = -math.inf
-        if step < min_len:
-            lprobs[:, eos] = -math.inf
+        apply_generation_rules(lprobs, step, min_len, max_len, eos, pad)
         nxt = lprobs.argmax(dim=1).masked_fill_(finished, pad)
         tokens[:, step + 1] = nxt
         finished |= nxt.eq(eos)

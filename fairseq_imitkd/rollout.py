@@ -92,7 +92,7 @@ def max_rollout_len(
     return min(int(max_len_a * src_tokens.size(1) + max_len_b), positions - 1)
 
 
-def _apply_rules(lprobs: Tensor, step: int, min_len: int, max_len: int, eos: int, pad: int) -> Tensor:
+def apply_generation_rules(lprobs: Tensor, step: int, min_len: int, max_len: int, eos: int, pad: int) -> Tensor:
     """Mask, in place, what ``SequenceGenerator`` never lets a hypothesis pick at ``step``.
 
     NaN -> -inf; pad never; only EOS at the last step; no EOS before ``min_len``.
@@ -261,7 +261,7 @@ def _decode(
         if run_student:
             ens, enc, states = policies["student"]
             lp, _ = ens.forward_decoder(prefix, enc, states, temperature)
-            masked["student"] = _apply_rules(lp.float(), step, min_len, max_len, eos, pad)
+            masked["student"] = apply_generation_rules(lp.float(), step, min_len, max_len, eos, pad)
             if sampling == "greedy":
                 actions["student"] = _greedy(masked["student"], cum["student"], step)
             else:
@@ -274,7 +274,7 @@ def _decode(
             if keep_teacher_lprobs:
                 t_steps.append((rows, lp))
             if teacher_prob > 0.0:
-                masked["teacher"] = _apply_rules(lp.clone(), step, min_len, max_len, eos, pad)
+                masked["teacher"] = apply_generation_rules(lp.clone(), step, min_len, max_len, eos, pad)
                 if teacher_sample:
                     actions["teacher"] = _sample(masked["teacher"], 0)
                 else:

@@ -1,5 +1,4 @@
 """imitkd through the real fairseq-train: both mixing modes, both targets, and exact resume."""
-import shutil
 
 import numpy as np
 import pytest

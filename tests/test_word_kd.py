@@ -7,7 +7,6 @@ import sys
 import torch
 
 from conftest import (
-    COMMON_TRAIN,
     USER_DIR,
     build_training_objects,
     fairseq_generate,
