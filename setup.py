@@ -29,6 +29,7 @@ setup(
     entry_points={
         "console_scripts": [
             "imitkd-user-dir=fairseq_imitkd_user_dir:main",
+            "imitkd-seqkd=fairseq_imitkd.cli.seqkd:main",
         ],
     },
 )

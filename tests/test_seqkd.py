@@ -6,8 +6,10 @@ directory trains with fairseq-train's defaults.
 import filecmp
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +193,17 @@ def test_missing_split(small_data, teacher, tmp_path, capsys):
     code, err = seqkd_main(capsys, small_data, "-o", out, "--teacher-path", teacher, "--split", "nosuch", *RUN)
     assert code == 2 and "nosuch.src-tgt.src.bin" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_console_script_exits_2_without_a_traceback(small_data, teacher, tmp_path):
+    """The installed ``imitkd-seqkd`` itself: one line on stderr naming the problem, exit code 2."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["imitkd-seqkd", str(small_data), "-o", str(out), "--teacher-path", str(teacher),
+                           "--split", "nosuch", "--cpu"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "imitkd-seqkd: error: split 'nosuch' not found" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 def test_missing_data_dir_and_teacher(small_data, teacher, tmp_path, capsys):

@@ -18,9 +18,10 @@ Every check (data, split, teacher, dictionaries, output directory) runs before a
 
 Seq-Inter choices:
 - K defaults to the beam (5): the n-best list then comes from the very beam search Seq-KD runs anyway.
-  Kim & Rush went up to K=35; a beam that wide costs several times Seq-KD's decoding (the work grows
-  about linearly with the beam), too much for a full training set on CPU. ``--beam 35 --nbest 35``
-  reproduces the paper's setting where a GPU makes it affordable.
+  Kim & Rush went up to K=35 (``--beam 35 --nbest 35``). On CPU that is impractical for a training set:
+  with the Multi30k teacher, 1 thread, beam 35 took 7.4x beam 5's time (32.6 s against 4.4 s for 101
+  sentences). On an H100 the wider beam is nearly free for a small teacher, and scoring 35 candidates
+  per sentence with sacrebleu (on the CPU) becomes the main cost.
 - Smoothing: sacrebleu's ``BLEU(effective_order=True, smooth_method="exp")``, exactly
   ``sacrebleu.sentence_bleu``'s defaults, so any chosen score can be recomputed with one sacrebleu call.
   The K candidates of one beam differ by a few tokens and, on short sentences, often share no 4-gram
@@ -416,9 +417,14 @@ def build(args) -> dict:
         gen_cfg = GenerationConfig(beam=args.beam, nbest=args.nbest, max_len_a=args.max_len_a,
                                    max_len_b=args.max_len_b, lenpen=args.lenpen)
         for model in models:
-            # as fairseq-generate: beam-shared encoder attention and no attention weights kept (about
-            # 1.4x faster on CPU); the model can no longer train, which this process never asks of it
+            # as fairseq-generate (beamable encoder attention, no attention weights kept); the model can no
+            # longer train, which this process never asks of it
             model.prepare_for_inference_(argparse.Namespace(generation=gen_cfg))
+            # The Teacher is frozen, but torch (2.13, CPU) then computes linear() on the decoder's transposed,
+            # non-contiguous features as a broadcast bmm instead of one folded mm: the output projection
+            # gets 2-3.5x slower and the whole beam search ~1.4x. Generation runs under no_grad and nothing
+            # here optimizes, so weights that "require" grad cost nothing and restore the fast path.
+            model.requires_grad_(True)
         generator = task.build_generator(models, gen_cfg)
         scorer = None
         if args.select == "sentence-bleu":
@@ -431,6 +437,9 @@ def build(args) -> dict:
         if manifest is None:
             manifest = {"tool": "imitkd-seqkd", "settings": settings, "merged": False, "created": time.time(),
                         "teacher_files": [_file_stat(p) for p in split_teacher_paths(args.teacher_path)]}
+            write_json(os.path.join(out, MANIFEST), manifest)
+        elif manifest.get("merged"):  # the merged files go stale until the next merge, even if this run dies
+            manifest["merged"] = False
             write_json(os.path.join(out, MANIFEST), manifest)
         for i in todo:
             lo, hi = shard_range(n, args.num_shards, i)
@@ -552,10 +561,13 @@ def _warn_if_pieces(tgt_dict, scorer: SentenceBleu) -> None:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"imitkd-seqkd: {summary['output']}: decoded shards {summary['decoded_shards'] or 'none'}, "
-             f"reused {summary['reused_shards'] or 'none'}"]
+    def shards(ids):
+        return "none" if not ids else str(ids) if len(ids) <= 8 else f"{len(ids)} ({ids[0]}..{ids[-1]})"
+
+    lines = [f"imitkd-seqkd: {summary['output']}: decoded shards {shards(summary['decoded_shards'])}, "
+             f"reused {shards(summary['reused_shards'])}"]
     if summary.get("missing_shards"):
-        lines.append(f"  not merged yet: shards {summary['missing_shards']} still to do")
+        lines.append(f"  not merged yet: shards {shards(summary['missing_shards'])} still to do")
     stats = summary.get("stats")
     if stats:
         lines.append(f"  {stats['sentences']} sentences of {stats['split']}, {stats['seconds']:.1f} s decoding, "
