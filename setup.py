@@ -23,8 +23,12 @@ setup(
         "numpy>=1.21",
     ],
     extras_require={
-        "test": ["pytest>=7", "ctranslate2>=4"],
+        "test": ["pytest>=7", "ctranslate2>=4", "rouge-score>=0.1.2", "sacremoses>=0.1"],
         "ct2": ["ctranslate2>=4"],
+        # examples/cnndm: ROUGE, and the corpus download on a user's machine
+        "cnndm": ["rouge-score>=0.1.2", "datasets"],
+        # examples/iwslt14_de_en: Moses tokenization of the downloaded corpus and detokenized sacreBLEU
+        "iwslt": ["sacremoses>=0.1"],
     },
     entry_points={
         "console_scripts": [
