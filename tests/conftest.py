@@ -83,7 +83,10 @@ def fairseq_generate(data, *args):
     from fairseq_cli import generate
 
     parser = options.get_generation_parser()
-    parsed = options.parse_args_and_arch(parser, [str(data), "--user-dir", USER_DIR, *[str(a) for a in args]])
+    # in-process, the default data-loader worker costs ~5 s to shut down after each call
+    parsed = options.parse_args_and_arch(
+        parser, [str(data), "--user-dir", USER_DIR, "--num-workers", "0", *[str(a) for a in args]]
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         generate.main(convert_namespace_to_omegaconf(parsed))
