@@ -44,22 +44,12 @@ fi
 # generation length: ImitKD's CNN/DM setting (99 tokens, then EOS), for rollouts, seq-KD and evaluation alike
 GEN_LEN=99
 
-die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
-log() { echo "[$(date +%H:%M:%S)] $(basename "$0"): $*" >&2; }
+# die, log, need_cmd, need_py
+# shellcheck source=../_helpers.sh
+. "$RECIPE/../_helpers.sh"
 # print a command (shell-quoted, so it can be pasted), then run it
 run() { printf '+' >&2; printf ' %q' "$@" >&2; echo >&2; "$@"; }
 
-need_cmd() {
-  for c in "$@"; do
-    command -v "$c" >/dev/null 2>&1 \
-      || die "'$c' not found: activate the environment where fairseq-imitkd is installed (pip install -e .)"
-  done
-}
-need_py() {
-  for m in "$@"; do
-    python -c "import $m" 2>/dev/null || die "python package '$m' is missing (pip install ${m/rouge_score/rouge-score})"
-  done
-}
 need_data() {
   [ -f "$DATA_BIN/dict.$SRC.txt" ] && [ -f "$DATA_BIN/test.$SRC-$TGT.$TGT.bin" ] \
     || die "no binarized data in $DATA_BIN: run prepare.sh first (IMITKD_WORK=$WORK)"

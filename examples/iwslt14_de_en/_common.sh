@@ -27,8 +27,9 @@ if [ "$SMOKE" = 1 ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 
-die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
-log() { echo "[$(date +%H:%M:%S)] $(basename "$0"): $*" >&2; }
+# die, log, need_cmd, need_py
+# shellcheck source=../_helpers.sh
+. "$RECIPE/../_helpers.sh"
 # print a command (shell-quoted, so it can be pasted), then run it
 run() { printf '+' >&2; printf ' %q' "$@" >&2; echo >&2; "$@"; }
 # the same, with the output also kept in a log file (LOG first)
@@ -39,17 +40,6 @@ run_logged() {
   "$@" 2>&1 | tee -a "$logf"
 }
 
-need_cmd() {
-  for c in "$@"; do
-    command -v "$c" >/dev/null 2>&1 \
-      || die "'$c' not found: activate the environment where fairseq-imitkd is installed (pip install -e .)"
-  done
-}
-need_py() {
-  for m in "$@"; do
-    python -c "import $m" 2>/dev/null || die "python package '$m' is missing: pip install $m"
-  done
-}
 need_data() {
   if [ ! -f "$DATA_BIN/dict.$SRC.txt" ] || [ ! -f "$DATA_BIN/test.$SRC-$TGT.$TGT.bin" ]; then
     die "no binarized data in $DATA_BIN: run prepare.sh first (IMITKD_WORK=$WORK)"

@@ -1,0 +1,16 @@
+# Shell helpers shared by the recipes' _common.sh (sourced, never run).
+die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
+log() { echo "[$(date +%H:%M:%S)] $(basename "$0"): $*" >&2; }
+
+# fail early, with the fix, when a command or a python package is missing
+need_cmd() {
+  for c in "$@"; do
+    command -v "$c" >/dev/null 2>&1 \
+      || die "'$c' not found: activate the environment where fairseq-imitkd is installed (pip install -e .)"
+  done
+}
+need_py() {
+  for m in "$@"; do
+    python -c "import $m" 2>/dev/null || die "python package '$m' is missing (pip install ${m/rouge_score/rouge-score})"
+  done
+}
