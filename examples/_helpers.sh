@@ -14,3 +14,17 @@ need_py() {
     python -c "import $m" 2>/dev/null || die "python package '$m' is missing (pip install ${m/rouge_score/rouge-score})"
   done
 }
+
+# the teacher: TEACHER=a.pt[:b.pt] (an ensemble), else the recipe's own ($CKPT is set by _common.sh)
+teacher_path() { echo "${TEACHER:-$CKPT/teacher/checkpoint_best.pt}"; }
+need_teacher() {
+  local t p parts
+  t="$(teacher_path)"
+  IFS=: read -r -a parts <<< "$t"
+  for p in "${parts[@]}"; do
+    [ -f "$p" ] || die "teacher checkpoint not found: $p (run train_teacher.sh, or set TEACHER=path.pt[:other.pt])"
+  done
+}
+teacher_data_args() {
+  if [ -n "${TEACHER_DATA:-}" ]; then printf '%s\n' --teacher-data "$TEACHER_DATA"; fi
+}

@@ -44,7 +44,7 @@ fi
 # generation length: ImitKD's CNN/DM setting (99 tokens, then EOS), for rollouts, seq-KD and evaluation alike
 GEN_LEN=99
 
-# die, log, need_cmd, need_py
+# die, log, need_cmd, need_py, teacher_path, need_teacher, teacher_data_args
 # shellcheck source=../_helpers.sh
 . "$RECIPE/../_helpers.sh"
 # print a command (shell-quoted, so it can be pasted), then run it
@@ -53,18 +53,6 @@ run() { printf '+' >&2; printf ' %q' "$@" >&2; echo >&2; "$@"; }
 need_data() {
   [ -f "$DATA_BIN/dict.$SRC.txt" ] && [ -f "$DATA_BIN/test.$SRC-$TGT.$TGT.bin" ] \
     || die "no binarized data in $DATA_BIN: run prepare.sh first (IMITKD_WORK=$WORK)"
-}
-teacher_path() { echo "${TEACHER:-$CKPT/teacher/checkpoint_best.pt}"; }
-need_teacher() {
-  local t p parts
-  t="$(teacher_path)"
-  IFS=: read -r -a parts <<< "$t"
-  for p in "${parts[@]}"; do
-    [ -f "$p" ] || die "teacher checkpoint not found: $p (run train_teacher.sh, or set TEACHER=path.pt[:other.pt])"
-  done
-}
-teacher_data_args() {
-  if [ -n "${TEACHER_DATA:-}" ]; then printf '%s\n' --teacher-data "$TEACHER_DATA"; fi
 }
 train_extra() {
   local extra=()

@@ -27,7 +27,7 @@ if [ "$SMOKE" = 1 ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 
-# die, log, need_cmd, need_py
+# die, log, need_cmd, need_py, teacher_path, need_teacher, teacher_data_args
 # shellcheck source=../_helpers.sh
 . "$RECIPE/../_helpers.sh"
 # print a command (shell-quoted, so it can be pasted), then run it
@@ -66,17 +66,3 @@ train_once() {
   printf '%s' "$stamp" > "$dir/recipe.done"
 }
 
-teacher_path() {
-  echo "${TEACHER:-$CKPT/teacher/checkpoint_best.pt}"
-}
-need_teacher() {
-  local t p
-  t="$(teacher_path)"
-  IFS=: read -r -a parts <<< "$t"
-  for p in "${parts[@]}"; do
-    [ -f "$p" ] || die "teacher checkpoint not found: $p (run train_teacher.sh, or set TEACHER=path.pt[:other.pt])"
-  done
-}
-teacher_data_args() {
-  if [ -n "${TEACHER_DATA:-}" ]; then printf '%s\n' --teacher-data "$TEACHER_DATA"; fi
-}
