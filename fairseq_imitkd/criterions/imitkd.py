@@ -6,6 +6,7 @@ whole next-token distribution (``full``: ImitKD+Full) at every position of those
 on its own prefixes is what removes the exposure bias of teacher forcing. ImitKD* is this criterion
 run over a sequence-level KD corpus (the teacher's beam outputs as the "data").
 """
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from ..rollout import rollout
 from ..schedules import beta as beta_at
 from ..schedules import check_schedule
 from ..scoring import scored_log_probs
-from .kd_criterion import KDCriterion, check_range
+from .kd_criterion import KDCriterion, check_range, summed
 
 TARGETS = ChoiceEnum(["argmax", "full"])
 MIXES = ChoiceEnum(["sequence", "token"])
@@ -205,7 +206,7 @@ class ImitKDCriterion(KDCriterion):
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)
-        total = lambda key: sum(log.get(key, 0) for log in logging_outputs)  # noqa: E731
+        total = functools.partial(summed, logging_outputs)
         nsentences = total("nsentences")
         if nsentences > 0 and any("beta_x_sents" in log for log in logging_outputs):
             metrics.log_scalar("beta", total("beta_x_sents") / nsentences, nsentences, round=4)

@@ -1,4 +1,5 @@
 """What every distillation criterion shares: the teacher, the update counter and the KD metrics."""
+import functools
 import math
 
 from fairseq import utils
@@ -15,6 +16,11 @@ def check_range(name: str, value: float, low: float, high: float, low_open=False
     if below or above:
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ValueError(f"--{name} must be in {lo}{low}, {high}{hi}, got {value}")
+
+
+def summed(logging_outputs, key):
+    """A logging key summed over workers and batches (absent counts as 0)."""
+    return sum(log.get(key, 0) for log in logging_outputs)
 
 
 class KDCriterion(FairseqCriterion):
@@ -45,7 +51,7 @@ class KDCriterion(FairseqCriterion):
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
-        total = lambda key: sum(log.get(key, 0) for log in logging_outputs)  # noqa: E731
+        total = functools.partial(summed, logging_outputs)
         sample_size = total("sample_size")
         ntokens = total("ntokens")
         n_scored = total("n_scored")
