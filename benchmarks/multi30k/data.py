@@ -1,0 +1,83 @@
+"""Multi30k prepared as the shared teacher was trained on it, and the teacher's seq-KD corpora.
+
+Everything is cached in the work directory and made again only when missing, so a rerun resumes.
+"""
+import logging
+import os
+import subprocess
+import sys
+from typing import List, Optional
+
+logger = logging.getLogger("multi30k.data")
+
+SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}  # fairseq split -> Multi30k file stem
+SRC, TGT = "de", "en"
+
+
+def run_logged(cmd: List[str], log_path: str, env: Optional[dict] = None) -> None:
+    """Run a command with its output appended to ``log_path``; a failure names the log."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    logger.info("$ %s  (log: %s)", " ".join(cmd), log_path)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"command failed with exit code {proc.returncode}; see {log_path}:\n  {' '.join(cmd)}")
+
+
+def check_inputs(text_dir: str, teacher_dir: str) -> None:
+    missing = [os.path.join(text_dir, f"{stem}.{lang}") for stem in SPLITS.values() for lang in (SRC, TGT)]
+    missing += [os.path.join(teacher_dir, f) for f in ("checkpoint.pt", "spm.model", "dict.de.txt", "dict.en.txt")]
+    missing = [p for p in missing if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit("multi30k benchmark: missing input files:\n  " + "\n  ".join(missing)
+                         + "\n(--text-dir is Multi30k's raw text, --teacher-dir the shared teacher's folder)")
+
+
+def prepare(text_dir: str, teacher_dir: str, work: str, log_dir: str) -> str:
+    """sentencepiece-encode the raw text with the teacher's model; binarize with its dictionaries."""
+    import sentencepiece
+
+    bin_dir = os.path.join(work, "bin")
+    if os.path.isfile(os.path.join(bin_dir, "test.de-en.en.idx")):
+        return bin_dir
+    spm_dir = os.path.join(work, "spm")
+    os.makedirs(spm_dir, exist_ok=True)
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(teacher_dir, "spm.model"))
+    for stem in SPLITS.values():
+        for lang in (SRC, TGT):
+            with open(os.path.join(text_dir, f"{stem}.{lang}"), encoding="utf-8") as fin:
+                lines = [" ".join(sp.encode(line.rstrip("\n"), out_type=str)) for line in fin]
+            with open(os.path.join(spm_dir, f"{stem}.{lang}"), "w", encoding="utf-8") as fout:
+                fout.write("\n".join(lines) + "\n")
+    tmp = bin_dir + ".tmp"
+    pref = {split: os.path.join(spm_dir, stem) for split, stem in SPLITS.items()}
+    run_logged([sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", SRC, "--target-lang", TGT,
+                "--trainpref", pref["train"], "--validpref", pref["valid"], "--testpref", pref["test"],
+                "--srcdict", os.path.join(teacher_dir, "dict.de.txt"),
+                "--tgtdict", os.path.join(teacher_dir, "dict.en.txt"), "--destdir", tmp, "--workers", "1"],
+               os.path.join(log_dir, "prepare.log"))
+    os.replace(tmp, bin_dir)
+    return bin_dir
+
+
+# name -> imitkd-seqkd options beyond the beam
+CORPORA = {
+    "seqkd": [],
+    "seqinter": ["--nbest", "5", "--select", "sentence-bleu", "--remove-bpe", "sentencepiece"],
+}
+
+
+def build_corpus(name: str, bin_dir: str, teacher_dir: str, work: str, log_dir: str, device_args: List[str],
+                 env: Optional[dict] = None) -> str:
+    """The teacher's beam-5 corpus over train (``imitkd-seqkd``, which resumes by shard)."""
+    out = os.path.join(work, name)
+    if os.path.isfile(os.path.join(out, "seqkd_stats.json")):
+        return out
+    run_logged([sys.executable, "-m", "fairseq_imitkd.cli.seqkd", bin_dir, "-o", out,
+                "--teacher-path", os.path.join(teacher_dir, "checkpoint.pt"), "--teacher-data", teacher_dir,
+                "--split", "train", "--beam", "5", "--max-tokens", "8000", "--num-shards", "4",
+                "--no-progress-bar"] + CORPORA[name] + device_args,
+               os.path.join(log_dir, f"corpus_{name}.log"), env=env)
+    return out

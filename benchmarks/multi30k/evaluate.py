@@ -1,0 +1,108 @@
+"""Decode with fairseq-generate and score with sacrebleu against the raw (detokenized) references."""
+import os
+import re
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import sacrebleu
+
+from data import run_logged
+
+# output length limit a*source+b for every model and decode: the rollouts' default, long enough for
+# the teacher's outputs, and it keeps a weak early student from decoding 200 tokens of garbage
+MAX_LEN = (1.2, 10)
+_TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
+                         r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)")
+
+
+def generate(bin_dir: str, checkpoint: str, split: str, out_prefix: str, *, beam: int, batch_size: int,
+             user_dir: str, device_args: List[str], env: Optional[dict] = None) -> dict:
+    """Decode one split; write ``out_prefix.hyp`` (detokenized, in corpus order); return speed figures.
+
+    ``--required-batch-size-multiple 1``: with fairseq's default of 8 this fairseq build silently drops
+    the last partial batch. The speed is fairseq's own timer, which covers decoding and not loading.
+    """
+    log_path = out_prefix + ".log"
+    if os.path.exists(log_path):
+        os.remove(log_path)
+    run_logged([sys.executable, "-m", "fairseq_cli.generate", bin_dir, "--user-dir", user_dir,
+                "--path", checkpoint, "--gen-subset", split, "--beam", str(beam), "--nbest", "1",
+                "--batch-size", str(batch_size), "--required-batch-size-multiple", "1",
+                "--max-len-a", str(MAX_LEN[0]), "--max-len-b", str(MAX_LEN[1]),
+                "--remove-bpe", "sentencepiece", "--num-workers", "0"] + device_args, log_path, env=env)
+    hyps: Dict[int, str] = {}
+    speed = None
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("D-"):  # D- is the hypothesis after --remove-bpe (H- too, in this build)
+                parts = line.rstrip("\n").split("\t", 2)
+                hyps[int(parts[0][2:])] = parts[2] if len(parts) == 3 else ""  # an empty hypothesis
+            m = _TRANSLATED.search(line)
+            if m:
+                speed = dict(sentences=int(m.group(1).replace(",", "")), tokens=int(m.group(2).replace(",", "")),
+                             seconds=float(m.group(3)), sents_per_sec=float(m.group(4)),
+                             tokens_per_sec=float(m.group(5)))
+    if speed is None:
+        raise RuntimeError(f"no 'Translated ...' line in {log_path}")
+    n = max(hyps) + 1 if hyps else 0
+    if sorted(hyps) != list(range(n)) or n != speed["sentences"]:
+        raise RuntimeError(f"{log_path}: {len(hyps)} hypotheses for {speed['sentences']} sentences")
+    with open(out_prefix + ".hyp", "w", encoding="utf-8") as f:
+        f.write("".join(hyps[i] + "\n" for i in range(n)))
+    return dict(speed, beam=beam, batch_size=batch_size)
+
+
+def read_lines(path: str) -> List[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def bleu(hyp_path: str, ref_path: str) -> dict:
+    hyps, refs = read_lines(hyp_path), read_lines(ref_path)
+    if len(hyps) != len(refs):
+        raise RuntimeError(f"{hyp_path}: {len(hyps)} lines, but {ref_path} has {len(refs)}")
+    metric = sacrebleu.BLEU()
+    score = metric.corpus_score(hyps, [refs])
+    return dict(bleu=round(score.score, 2), signature=str(metric.get_signature()))
+
+
+def paired_bootstrap(baseline: str, systems: Dict[str, str], ref_path: str, n_samples: int = 1000) -> Dict[str, dict]:
+    """sacrebleu's paired bootstrap resampling (``sacrebleu --paired-bs``): each system against ``baseline``.
+
+    ``p_value`` is the probability, under resampling, that the difference is due to chance.
+    """
+    from sacrebleu.significance import PairedTest
+
+    named = [("baseline", read_lines(baseline))] + [(name, read_lines(p)) for name, p in systems.items()]
+    test = PairedTest(named, {"BLEU": sacrebleu.BLEU()}, [read_lines(ref_path)], test_type="bs",
+                      n_samples=n_samples)
+    _sigs, scores = test()
+    out = {}
+    for name, res in zip(scores["System"][1:], scores["BLEU"][1:]):
+        out[name] = dict(bleu=round(res.score, 2), mean=round(res.mean, 2), ci95=round(res.ci, 2),
+                         p_value=round(res.p_value, 4))
+    base = scores["BLEU"][0]
+    for v in out.values():
+        v["baseline_bleu"] = round(base.score, 2)
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip()
+
+
+def mean_std(values: Sequence[float]) -> dict:
+    import statistics
+
+    vals = [float(v) for v in values]
+    return dict(mean=round(statistics.fmean(vals), 2),
+                std=round(statistics.stdev(vals), 2) if len(vals) > 1 else None,
+                min=round(min(vals), 2), max=round(max(vals), 2), n=len(vals))

@@ -1,0 +1,79 @@
+"""The compared methods and the two budgets (tiers). One student architecture and one optimizer for all.
+
+Every method trains ``transformer_student_small`` (3 encoder + 1 decoder layers, d=128, FFN 512):
+the shared teacher is 3+3 d=256, and the paper's 2+2 d=256 student would decode only about 1.4x
+faster, because the output projection over the 7,796-piece vocabulary dominates a step.
+"""
+from typing import Dict, List
+
+STUDENT = "transformer_student_small"
+
+# cost: rough seconds per update on CPU (KD methods as benchmarks/update_speed.py measured them, CE a
+# guess), only to start the longest runs first; gold: Multi30k itself; seqkd / seqinter: the teacher's corpora over train (gold valid and test)
+METHODS: Dict[str, dict] = {
+    "scratch": dict(cost=1.2, data="gold", kd=False, label="Scratch (label-smoothed CE on gold)"),
+    "word_kd": dict(cost=2.3, data="gold", kd=True, label="Word-KD (alpha 0.5)"),
+    "seqkd": dict(cost=1.2, data="seqkd", kd=False, label="Seq-KD (teacher beam 5)"),
+    "seqkd_word_kd": dict(cost=2.3, data="seqkd", kd=True, label="Seq-KD + Word-KD"),
+    "seqinter": dict(cost=1.2, data="seqinter", kd=False, label="Seq-Inter (best of 5 by sentence BLEU)"),
+    "imitkd": dict(cost=2.8, data="gold", kd=True, label="ImitKD (argmax targets, top-5 rollouts)"),
+    "imitkd_full": dict(cost=3.1, data="gold", kd=True, label="ImitKD+Full (full targets, greedy rollouts)"),
+    "imitkd_star": dict(cost=2.8, data="seqkd", kd=True, label="ImitKD* (ImitKD over the Seq-KD corpus)"),
+    "imitkd_token": dict(cost=3.9, data="gold", kd=True, label="ImitKD+Full, token-level mixing"),
+}
+MAIN_METHODS = ("scratch", "seqkd", "imitkd_full")
+
+_CE = ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+_WORD_KD = ["--criterion", "word_kd", "--kd-alpha", "0.5", "--kd-temperature", "1", "--label-smoothing", "0.1"]
+_IMITKD = ["--criterion", "imitkd", "--imitkd-beta-schedule", "exponential", "--imitkd-beta-base", "200"]
+_ARGMAX_TOPK = ["--imitkd-target", "argmax", "--imitkd-sampling", "topk", "--imitkd-topk", "5"]
+_FULL_GREEDY = ["--imitkd-target", "full", "--imitkd-sampling", "greedy"]
+_METHOD_ARGS = {
+    "scratch": _CE,
+    "word_kd": _WORD_KD,
+    "seqkd": _CE,
+    "seqkd_word_kd": _WORD_KD,
+    "seqinter": _CE,
+    "imitkd": _IMITKD + _ARGMAX_TOPK,
+    "imitkd_full": _IMITKD + _FULL_GREEDY,
+    "imitkd_star": _IMITKD + _ARGMAX_TOPK,
+    "imitkd_token": _IMITKD + _FULL_GREEDY + ["--imitkd-mix", "token"],
+}
+
+# quick: 700 updates of 2,048 tokens (about 3 epochs of Multi30k) per run, so that its 12 runs, both
+# seq-KD corpora, the evaluation and the timing fit in 3 hours on 2 CPU cores (two runs side by side,
+# 1 thread each). full: 8,000 updates of 4,096 tokens (about 70 epochs) and 3 seeds, for a GPU or days of CPU.
+TIERS: Dict[str, dict] = {
+    "quick": dict(max_update=700, max_tokens=2048, warmup=100, validate_every=100, validate_after=300,
+                  seeds={m: ([1, 2] if m in MAIN_METHODS else [1]) for m in METHODS}),
+    "full": dict(max_update=8000, max_tokens=4096, warmup=1000, validate_every=500, validate_after=2000,
+                 seeds={m: [1, 2, 3] for m in METHODS}),
+}
+
+
+def method_args(method: str, teacher_args: List[str]) -> List[str]:
+    """fairseq-train options of one method (teacher options only for the KD criterions)."""
+    spec = METHODS[method]
+    args = list(_METHOD_ARGS[method])
+    if spec["kd"]:
+        args = ["--task", "distillation"] + teacher_args + args
+    return args
+
+
+def common_args(tier: dict, seed: int) -> List[str]:
+    """What every method shares: student, optimizer, budget, seed and the checkpoint-selection rule."""
+    return [
+        "--arch", STUDENT, "--share-all-embeddings", "--dropout", "0.1", "--weight-decay", "0.0001",
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.0",
+        "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(tier["warmup"]),
+        "--max-tokens", str(tier["max_tokens"]), "--required-batch-size-multiple", "1",
+        "--max-update", str(tier["max_update"]), "--seed", str(seed),
+        # validate (and save) by updates only: BLEU-selected checkpoints at fixed points for every method
+        "--validate-interval", "100000", "--save-interval", "100000",
+        "--validate-interval-updates", str(tier["validate_every"]),
+        "--save-interval-updates", str(tier["validate_every"]), "--keep-interval-updates", "1",
+        "--validate-after-updates", str(tier["validate_after"]),
+        "--eval-bleu", "--eval-bleu-args", '{"beam": 1, "max_len_a": 1.2, "max_len_b": 10}', "--eval-bleu-remove-bpe", "sentencepiece",
+        "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
+        "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "25", "--num-workers", "0",
+    ]

@@ -1,0 +1,222 @@
+"""Collect the runs' results into results[_full].json, a markdown table and the BLEU-against-speed plot."""
+import datetime
+import json
+import os
+import platform
+from typing import Dict, List, Optional
+
+import evaluate
+import methods
+
+SUFFIX = {"quick": "", "full": "_full"}
+
+
+def _read(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return round(a / b, 2) if a and b else None
+
+
+def collect(ctx) -> dict:
+    speed_dir = os.path.join(ctx.tier_dir, "speed")
+    speed = {f[:-5]: _read(os.path.join(speed_dir, f)) for f in sorted(os.listdir(speed_dir)) if f.endswith(".json")} \
+        if os.path.isdir(speed_dir) else {}
+    teacher = speed.get("teacher", {})
+    t_beam = teacher.get("beam5_b64", {}).get("sents_per_sec")
+    out_methods: Dict[str, dict] = {}
+    for m, seeds in ctx.seeds.items():
+        runs = {s: _read(os.path.join(ctx.run_dir(m, s), "result.json")) for s in seeds
+                if os.path.exists(os.path.join(ctx.run_dir(m, s), "result.json"))}
+        if not runs:
+            continue
+        rec = dict(label=methods.METHODS[m]["label"], data=methods.METHODS[m]["data"], seeds=sorted(runs),
+                   seeds_planned=seeds)
+        for key in ("bleu_greedy", "bleu_beam5", "val_bleu_selection", "val_bleu_greedy", "sec_per_update",
+                    "train_total_s"):
+            stats = evaluate.mean_std([r[key] for r in runs.values()])
+            rec[key] = stats["mean"]
+            if len(runs) > 1:
+                rec[key + "_stats"] = stats
+        rec["per_seed"] = {str(s): {k: r[k] for k in ("bleu_greedy", "bleu_beam5", "val_bleu_selection",
+                                                       "val_bleu_greedy", "best_update", "sec_per_update",
+                                                       "train_total_s", "updates")} for s, r in runs.items()}
+        sp = speed.get(m, {})
+        rec["student_sents_per_sec"] = sp.get("greedy_b64", {}).get("sents_per_sec")
+        rec["student_sents_per_sec_beam5"] = sp.get("beam5_b64", {}).get("sents_per_sec")
+        rec["student_sents_per_sec_batch1"] = sp.get("greedy_b1", {}).get("sents_per_sec")
+        rec["speedup_greedy_vs_teacher_beam5"] = _ratio(rec["student_sents_per_sec"], t_beam)
+        rec["speedup_beam5_vs_teacher_beam5"] = _ratio(rec["student_sents_per_sec_beam5"], t_beam)
+        rec["command"] = runs[min(runs)]["command"]
+        out_methods[m] = rec
+    return dict(methods=out_methods, teacher=teacher, speed=speed)
+
+
+def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
+    """Paired bootstrap on seed-1 (lowest seed) test outputs: KD methods against scratch, ImitKD against seqkd."""
+    ref = os.path.join(ctx.args.text_dir, "test_2016_flickr.en")
+    pairs = [("scratch", m) for m in present if m != "scratch"]
+    pairs += [("seqkd", m) for m in present if m.startswith("imitkd")]
+    out = []
+    for decode, beam in (("greedy", 1), ("beam5", 5)):
+        for base in ("scratch", "seqkd"):
+            systems = [m for b, m in pairs if b == base and b in present]
+            if not systems:
+                continue
+            hyp = {m: os.path.join(ctx.run_dir(m, present[m]["seeds"][0]), f"test.beam{beam}.hyp")
+                   for m in [base] + systems}
+            res = evaluate.paired_bootstrap(hyp[base], {m: hyp[m] for m in systems}, ref)
+            for m in systems:
+                out.append(dict(decode=decode, baseline=base, system=m, **res[m]))
+    return out
+
+
+def write(ctx, ledger: List[dict]) -> str:
+    got = collect(ctx)
+    teacher = got["teacher"]
+    present = got["methods"]
+    res = dict(
+        benchmark="multi30k_de_en", tier=ctx.args.tier,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        teacher_bleu_beam5=teacher.get("beam5_b64", {}).get("bleu"),
+        teacher_bleu_greedy=teacher.get("greedy_b64", {}).get("bleu"),
+        teacher_sents_per_sec=teacher.get("beam5_b64", {}).get("sents_per_sec"),
+        teacher_speed={k: v.get("sents_per_sec") for k, v in teacher.items()},
+        sacrebleu_signature=teacher.get("beam5_b64", {}).get("signature"),
+        methods=present,
+        paired_bootstrap=bootstrap(ctx, present) if "scratch" in present else [],
+        setup=dict(student=methods.STUDENT, tier=ctx.tier, seeds=ctx.seeds, jobs=ctx.args.jobs or
+                   (1 if ctx.args.gpu else 2), threads_per_process=ctx.args.threads,
+                   device="cuda" if ctx.args.gpu else "cpu", cpu=evaluate.cpu_name(), cores=os.cpu_count(),
+                   python=platform.python_version(), torch=_torch_version(),
+                   selection="checkpoint_best.pt by greedy valid BLEU (fairseq --eval-bleu), validated every "
+                             f"{ctx.tier['validate_every']} updates from update {ctx.tier['validate_after']}"),
+        wall_time=dict(invocations=ledger, total_s=round(sum(i["wall_s"] for i in ledger), 1),
+                       corpora_s=_corpora_seconds(ctx)),
+    )
+    suffix = SUFFIX.get(ctx.args.tier, "_" + ctx.args.tier)
+    if ctx.args.max_update:
+        suffix += f"_u{ctx.args.max_update}"
+    os.makedirs(ctx.args.out_dir, exist_ok=True)
+    path = os.path.join(ctx.args.out_dir, f"results{suffix}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1)
+        f.write("\n")
+    png = f"bleu_vs_speed{suffix}.png"
+    plot(res, os.path.join(ctx.args.out_dir, png))
+    with open(os.path.join(ctx.args.out_dir, f"results{suffix}.md"), "w", encoding="utf-8") as f:
+        f.write(markdown(res, png))
+    return path
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _corpora_seconds(ctx) -> Dict[str, float]:
+    out = {}
+    for name in ("seqkd", "seqinter"):
+        p = os.path.join(ctx.work, name, "seqkd_stats.json")
+        if os.path.exists(p):
+            out[name] = _read(p)["seconds"]
+    return out
+
+
+def _fmt(v, nd=1) -> str:
+    return "–" if v is None else f"{v:.{nd}f}"
+
+
+def _bleu_cell(rec: dict, key: str) -> str:
+    stats = rec.get(key + "_stats")
+    if stats:
+        return f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+    return _fmt(rec.get(key), 2)
+
+
+def markdown(res: dict, png: str) -> str:
+    s = res["setup"]
+    tier = s["tier"]
+    lines = [
+        f"# Multi30k De→En distillation benchmark ({res['tier']} tier)", "",
+        f"Generated by `benchmarks/multi30k/run.py` on {res['date']}. Hardware: {s['cpu']}, {s['cores']} cores, "
+        f"device {s['device']}; Python {s['python']}, torch {s['torch']}. {s['jobs']} training run(s) side by side, "
+        f"{s['threads_per_process']} torch thread(s) each (`OMP_NUM_THREADS={s['threads_per_process']}`).", "",
+        f"Student `{s['student']}` (3+1 layers, d=128) for every method; the shared teacher is 3+3, d=256. "
+        f"Budget: {tier['max_update']} updates of at most {tier['max_tokens']} tokens, Adam, lr 2e-3 "
+        f"(inverse sqrt, {tier['warmup']} warm-up), dropout 0.1. Selection: {s['selection']}.", "",
+        "Test BLEU: sacreBLEU on detokenized test_2016_flickr output against the raw references, "
+        f"`{res['sacrebleu_signature']}`. Mean ± sample std over seeds where there are several.", "",
+        "Decoding speed: test set (1,000 sentences), fairseq-generate's own timer, one model at a time, "
+        f"{s['threads_per_process']} thread(s). ×T: student greedy at batch 64 against the teacher's beam 5 at batch 64.",
+        "",
+        "| method | seeds | test BLEU greedy | test BLEU beam 5 | valid BLEU (selected) | s/update | train wall (s) "
+        "| sents/s greedy b64 | ×T | sents/s beam5 b64 | sents/s greedy b1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| **teacher** (3+3, d=256) | – | {_fmt(res['teacher_bleu_greedy'], 2)} | {_fmt(res['teacher_bleu_beam5'], 2)} "
+        f"| – | – | – | {_fmt(res['teacher_speed'].get('greedy_b64'))} | – | {_fmt(res['teacher_speed'].get('beam5_b64'))} "
+        f"| beam5 b1: {_fmt(res['teacher_speed'].get('beam5_b1'))} |",
+    ]
+    for m, r in res["methods"].items():
+        lines.append(
+            f"| {m} | {','.join(map(str, r['seeds']))} | {_bleu_cell(r, 'bleu_greedy')} | {_bleu_cell(r, 'bleu_beam5')} "
+            f"| {_bleu_cell(r, 'val_bleu_selection')} | {_fmt(r['sec_per_update'], 3)} | {_fmt(r['train_total_s'], 0)} "
+            f"| {_fmt(r['student_sents_per_sec'])} | {_fmt(r['speedup_greedy_vs_teacher_beam5'])} "
+            f"| {_fmt(r['student_sents_per_sec_beam5'])} | {_fmt(r['student_sents_per_sec_batch1'])} |")
+    lines += ["", f"![BLEU against decoding speed]({png})", ""]
+    if res["paired_bootstrap"]:
+        lines += ["## Paired bootstrap (sacreBLEU `--paired-bs`, 1,000 resamples, lowest seed's outputs)", "",
+                  "| decode | baseline | system | baseline BLEU | system BLEU | 95% CI ± | p |", "|---|---|---|---|---|---|---|"]
+        for b in res["paired_bootstrap"]:
+            lines.append(f"| {b['decode']} | {b['baseline']} | {b['system']} | {b['baseline_bleu']:.2f} | {b['bleu']:.2f} "
+                         f"| {b['ci95']:.2f} | {b['p_value']:.4f} |")
+        lines.append("")
+    wt = res["wall_time"]
+    lines += ["## Wall time", "",
+              f"Total over {len(wt['invocations'])} invocation(s) of run.py: {wt['total_s'] / 3600:.2f} h "
+              f"(corpora, training, evaluation, speed). Teacher decoding time inside it, summed over shards: "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in wt["corpora_s"].items()) + ".", "",
+              "## Commands", "", "```"]
+    for inv in wt["invocations"]:
+        lines.append("python benchmarks/multi30k/run.py " + " ".join(inv["argv"]))
+    lines.append("```")
+    lines += ["", "Training command of each method (lowest seed):", ""]
+    for m, r in res["methods"].items():
+        lines.append(f"- `{m}`: `fairseq-train {r['command'].split('fairseq_cli.train ', 1)[-1]}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ts = res["teacher_speed"]
+    if ts.get("beam5_b64") and res["teacher_bleu_beam5"] is not None:
+        ax.scatter([ts["beam5_b64"]], [res["teacher_bleu_beam5"]], marker="*", s=220, color="black",
+                   label="teacher, beam 5")
+        ax.scatter([ts["greedy_b64"]], [res["teacher_bleu_greedy"]], marker="*", s=220, color="grey",
+                   label="teacher, greedy")
+    cmap = plt.get_cmap("tab10")
+    for i, (m, r) in enumerate(res["methods"].items()):
+        if r["student_sents_per_sec"] is None:
+            continue
+        ax.scatter([r["student_sents_per_sec"]], [r["bleu_greedy"]], color=cmap(i % 10), marker="o", label=m)
+        if r["student_sents_per_sec_beam5"]:
+            ax.scatter([r["student_sents_per_sec_beam5"]], [r["bleu_beam5"]], color=cmap(i % 10), marker="^",
+                       alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("test sentences/s (batch 64, CPU, 1 thread)" if res["setup"]["device"] == "cpu"
+                  else "test sentences/s (batch 64, GPU)")
+    ax.set_ylabel("test BLEU (sacreBLEU, detokenized)")
+    ax.set_title(f"Multi30k De→En, {res['tier']} tier: students greedy (●) and beam 5 (▲)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
