@@ -29,6 +29,8 @@ setup(
         "cnndm": ["rouge-score>=0.1.2", "datasets"],
         # examples/iwslt14_de_en: Moses tokenization of the downloaded corpus and detokenized sacreBLEU
         "iwslt": ["sacremoses>=0.1"],
+        # benchmarks/multi30k: the BLEU-against-speed plot
+        "bench": ["matplotlib>=3.5"],
     },
     entry_points={
         "console_scripts": [

@@ -126,6 +126,14 @@ def _corpora_seconds(ctx) -> Dict[str, float]:
     return out
 
 
+def _portable(cmd: str) -> str:
+    """A command as a user would type it from the repository root, with ../shared beside it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(here))
+    cmd = cmd.replace(os.path.join(os.path.dirname(repo), "shared") + "/", "../shared/")
+    return cmd.replace(repo + "/", "")
+
+
 def _fmt(v, nd=1) -> str:
     return "–" if v is None else f"{v:.{nd}f}"
 
@@ -177,7 +185,8 @@ def markdown(res: dict, png: str) -> str:
     wt = res["wall_time"]
     lines += ["## Wall time", "",
               f"Total over {len(wt['invocations'])} invocation(s) of run.py: {wt['total_s'] / 3600:.2f} h "
-              f"(corpora, training, evaluation, speed). Teacher decoding time inside it, summed over shards: "
+              f"(training, evaluation, timing, and whatever corpora were not built yet). "
+              "The teacher's decoding time for the corpora (beam 5 over train, summed over shards): "
               + ", ".join(f"{k} {v:.0f} s" for k, v in wt["corpora_s"].items()) + ".", "",
               "## Commands", "", "```"]
     for inv in wt["invocations"]:
@@ -185,12 +194,13 @@ def markdown(res: dict, png: str) -> str:
     lines.append("```")
     lines += ["", "Training command of each method (lowest seed):", ""]
     for m, r in res["methods"].items():
-        lines.append(f"- `{m}`: `fairseq-train {r['command'].split('fairseq_cli.train ', 1)[-1]}`")
+        lines.append(f"- `{m}`: `fairseq-train {_portable(r['command']).split('fairseq_cli.train ', 1)[-1]}`")
     return "\n".join(lines) + "\n"
 
 
 def plot(res: dict, path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -211,6 +221,8 @@ def plot(res: dict, path: str) -> None:
             ax.scatter([r["student_sents_per_sec_beam5"]], [r["bleu_beam5"]], color=cmap(i % 10), marker="^",
                        alpha=0.6)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("test sentences/s (batch 64, CPU, 1 thread)" if res["setup"]["device"] == "cpu"
                   else "test sentences/s (batch 64, GPU)")
     ax.set_ylabel("test BLEU (sacreBLEU, detokenized)")

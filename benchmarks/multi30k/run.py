@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import threading
 import time
@@ -201,7 +202,7 @@ def train(ctx: Context, method: str, seed: int) -> dict:
             + methods.common_args(ctx.tier, seed) + ctx.device_args
         t0 = time.time()
         data.run_logged(cmd, os.path.join(run_dir, "train.log"), env=ctx.env)
-        attempts.append(dict(wall_s=round(time.time() - t0, 1), command=" ".join(cmd[1:]), ended=time.time()))
+        attempts.append(dict(wall_s=round(time.time() - t0, 1), command=shlex.join(cmd[1:]), ended=time.time()))
         write_json(attempts_path, attempts)
     out = parse_train_log(os.path.join(run_dir, "train.log"))
     out["train_total_s"] = round(sum(a["wall_s"] for a in attempts), 1)  # incl. validation and checkpoints
