@@ -1,19 +1,17 @@
 """Decode with fairseq-generate and score with sacrebleu against the raw (detokenized) references."""
 import os
-import re
 import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
 
 import sacrebleu
+from fairseq_imitkd import generate_output
 
 from data import run_logged
 
 # output length limit a*source+b for every model and decode: the rollouts' default, long enough for
 # the teacher's outputs, and it keeps a weak early student from decoding 200 tokens of garbage
 MAX_LEN = (1.2, 10)
-_TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
-                         r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)")
 
 
 def generate(bin_dir: str, checkpoint: str, split: str, out_prefix: str, *, beam: int, batch_size: int,
@@ -31,20 +29,13 @@ def generate(bin_dir: str, checkpoint: str, split: str, out_prefix: str, *, beam
                 "--batch-size", str(batch_size), "--required-batch-size-multiple", "1",
                 "--max-len-a", str(MAX_LEN[0]), "--max-len-b", str(MAX_LEN[1]),
                 "--remove-bpe", "sentencepiece", "--num-workers", "0"] + device_args, log_path, env=env)
-    hyps: Dict[int, str] = {}
-    speed = None
     with open(log_path, encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("D-"):  # D- is the hypothesis after --remove-bpe (H- too, in this build)
-                parts = line.rstrip("\n").split("\t", 2)
-                hyps[int(parts[0][2:])] = parts[2] if len(parts) == 3 else ""  # an empty hypothesis
-            m = _TRANSLATED.search(line)
-            if m:
-                speed = dict(sentences=int(m.group(1).replace(",", "")), tokens=int(m.group(2).replace(",", "")),
-                             seconds=float(m.group(3)), sents_per_sec=float(m.group(4)),
-                             tokens_per_sec=float(m.group(5)))
-    if speed is None:
+        lines = f.readlines()
+    hyps = generate_output.read_hypotheses(lines)
+    speeds = [s for s in map(generate_output.parse_speed, lines) if s]
+    if not speeds:
         raise RuntimeError(f"no 'Translated ...' line in {log_path}")
+    speed = speeds[-1]
     n = max(hyps) + 1 if hyps else 0
     if sorted(hyps) != list(range(n)) or n != speed["sentences"]:
         raise RuntimeError(f"{log_path}: {len(hyps)} hypotheses for {speed['sentences']} sentences")

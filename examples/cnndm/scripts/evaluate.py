@@ -17,6 +17,8 @@ import re
 import sys
 import time
 
+from fairseq_imitkd import generate_output
+
 METRICS = ("rouge1", "rouge2", "rougeL")
 
 
@@ -32,13 +34,9 @@ def parse_ckpt(spec: str):
 
 
 def read_hyps(path: str, n: int, sp):
-    hyps = [None] * n
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("H-"):
-                head, _score, *text = line.rstrip("\n").split("\t")
-                i = int(head[2:])
-                hyps[i] = sp.decode_pieces(text[0].split()) if text else ""
+        pieces = generate_output.read_hypotheses(f, prefix="H-")
+    hyps = [sp.decode_pieces(pieces[i].split()) if i in pieces else None for i in range(n)]
     missing = [i for i, h in enumerate(hyps) if h is None]
     if missing:
         sys.exit(f"evaluate.py: error: {path} has no hypothesis for {len(missing)} of {n} test documents")

@@ -18,12 +18,10 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 
-TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
-                        r"\(([\d.]+|inf|nan) sentences/s, ([\d.]+|inf|nan) tokens/s\)")
+from fairseq_imitkd import generate_output
 
 
 class Capture(logging.Handler):
@@ -52,13 +50,8 @@ def count_parameters(path: str) -> int:
 
 
 def read_hypotheses(path: str):
-    hyps = {}
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("D-"):
-                idx, _score, text = (line.rstrip("\n").split("\t") + [""])[:3]
-                hyps[int(idx[2:])] = text
-    return hyps
+        return generate_output.read_hypotheses(f)
 
 
 def generate_argv(args, path: str, beam: int, results_path: str):
@@ -111,14 +104,14 @@ def generate(args, name: str, path: str, beam: int, capture: Capture) -> dict:
     cfg = generation_config(args, path, beam, results_path)
     del capture.messages[:]
     scorer = fairseq_generate.main(cfg)
-    found = [m for m in capture.messages if TRANSLATED.search(m)]
+    found = [m for m in capture.messages if generate_output.parse_speed(m)]
     if not found:
         raise SystemExit(f"evaluate.py: fairseq-generate printed no 'Translated ...' line for {name} beam {beam}")
-    n, tokens, seconds, sps, tps = TRANSLATED.search(found[-1]).groups()
+    speed = generate_output.parse_speed(found[-1])
     hyps = read_hypotheses(os.path.join(results_path, "generate-test.txt"))
-    return {"command": command, "translated_line": found[-1], "sentences": int(n.replace(",", "")),
-            "tokens": int(tokens.replace(",", "")), "seconds": float(seconds), "sentences_per_second": float(sps),
-            "tokens_per_second": float(tps), "tokenized_bleu": round(scorer.score(), 2),
+    return {"command": command, "translated_line": found[-1], "sentences": speed["sentences"],
+            "tokens": speed["tokens"], "seconds": speed["seconds"], "sentences_per_second": speed["sents_per_sec"],
+            "tokens_per_second": speed["tokens_per_sec"], "tokenized_bleu": round(scorer.score(), 2),
             "tokenized_bleu_line": scorer.result_string(), "hypotheses": hyps}
 
 
