@@ -23,9 +23,23 @@ METHODS: Dict[str, dict] = {
 }
 MAIN_METHODS = ("scratch", "seqkd", "imitkd_full")
 
+# Not part of the comparison: variants that test why a method does what it does, run on request
+# (``--methods imitkd_full_base10,...``) and reported apart, under "ablations".
+ABLATIONS: Dict[str, dict] = {
+    "imitkd_full_base10": dict(cost=3.1, data="gold", kd=True,
+                               label="ImitKD+Full, slower beta = 10^(-t/N) (the paper's CNN/DM schedule)"),
+    "imitkd_full_beta1": dict(cost=2.5, data="gold", kd=True,
+                              label="ImitKD+Full with beta = 1: the teacher's full distribution on gold prefixes only"),
+}
+ALL = {**METHODS, **ABLATIONS}
+
 _CE = ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
 _WORD_KD = ["--criterion", "word_kd", "--kd-alpha", "0.5", "--kd-temperature", "1", "--label-smoothing", "0.1"]
-_IMITKD = ["--criterion", "imitkd", "--imitkd-beta-schedule", "exponential", "--imitkd-beta-base", "200"]
+def _imitkd(base: str = "200") -> List[str]:
+    return ["--criterion", "imitkd", "--imitkd-beta-schedule", "exponential", "--imitkd-beta-base", base]
+
+
+_IMITKD = _imitkd()
 _ARGMAX_TOPK = ["--imitkd-target", "argmax", "--imitkd-sampling", "topk", "--imitkd-topk", "5"]
 _FULL_GREEDY = ["--imitkd-target", "full", "--imitkd-sampling", "greedy"]
 _METHOD_ARGS = {
@@ -38,6 +52,9 @@ _METHOD_ARGS = {
     "imitkd_full": _IMITKD + _FULL_GREEDY,
     "imitkd_star": _IMITKD + _ARGMAX_TOPK,
     "imitkd_token": _IMITKD + _FULL_GREEDY + ["--imitkd-mix", "token"],
+    "imitkd_full_base10": _imitkd("10") + _FULL_GREEDY,
+    "imitkd_full_beta1": ["--criterion", "imitkd", "--imitkd-beta-schedule", "constant", "--imitkd-beta", "1"]
+    + _FULL_GREEDY,
 }
 
 # quick: 700 updates of 2,048 tokens (about 3 epochs of Multi30k) per run, so that its 12 runs, both
@@ -45,15 +62,15 @@ _METHOD_ARGS = {
 # 1 thread each). full: 8,000 updates of 4,096 tokens (about 70 epochs) and 3 seeds, for a GPU or days of CPU.
 TIERS: Dict[str, dict] = {
     "quick": dict(max_update=700, max_tokens=2048, warmup=100, validate_every=100, validate_after=300,
-                  seeds={m: ([1, 2] if m in MAIN_METHODS else [1]) for m in METHODS}),
+                  seeds={m: ([1, 2] if m in MAIN_METHODS else [1]) for m in ALL}),
     "full": dict(max_update=8000, max_tokens=4096, warmup=1000, validate_every=500, validate_after=2000,
-                 seeds={m: [1, 2, 3] for m in METHODS}),
+                 seeds={m: [1, 2, 3] for m in ALL}),
 }
 
 
 def method_args(method: str, teacher_args: List[str]) -> List[str]:
     """fairseq-train options of one method (teacher options only for the KD criterions)."""
-    spec = METHODS[method]
+    spec = ALL[method]
     args = list(_METHOD_ARGS[method])
     if spec["kd"]:
         args = ["--task", "distillation"] + teacher_args + args

@@ -1,5 +1,6 @@
 """Collect the runs' results into results[_full].json, a markdown table and the BLEU-against-speed plot."""
 import datetime
+import glob
 import json
 import os
 import platform
@@ -27,12 +28,13 @@ def collect(ctx) -> dict:
     teacher = speed.get("teacher", {})
     t_beam = teacher.get("beam5_b64", {}).get("sents_per_sec")
     out_methods: Dict[str, dict] = {}
-    for m, seeds in ctx.seeds.items():
-        runs = {s: _read(os.path.join(ctx.run_dir(m, s), "result.json")) for s in seeds
-                if os.path.exists(os.path.join(ctx.run_dir(m, s), "result.json"))}
+    for m in methods.ALL:  # every finished run of this tier, whichever invocation made it
+        seeds = ctx.tier["seeds"][m]
+        found = glob.glob(os.path.join(ctx.run_dir(m, "*"), "result.json"))
+        runs = {r["seed"]: r for r in map(_read, found)}
         if not runs:
             continue
-        rec = dict(label=methods.METHODS[m]["label"], data=methods.METHODS[m]["data"], seeds=sorted(runs),
+        rec = dict(label=methods.ALL[m]["label"], data=methods.ALL[m]["data"], seeds=sorted(runs),
                    seeds_planned=seeds)
         for key in ("bleu_greedy", "bleu_beam5", "val_bleu_selection", "val_bleu_greedy", "sec_per_update",
                     "train_total_s"):
@@ -51,7 +53,8 @@ def collect(ctx) -> dict:
         rec["speedup_beam5_vs_teacher_beam5"] = _ratio(rec["student_sents_per_sec_beam5"], t_beam)
         rec["command"] = runs[min(runs)]["command"]
         out_methods[m] = rec
-    return dict(methods=out_methods, teacher=teacher, speed=speed)
+    return dict(methods={m: r for m, r in out_methods.items() if m in methods.METHODS},
+                ablations={m: r for m, r in out_methods.items() if m in methods.ABLATIONS}, teacher=teacher, speed=speed)
 
 
 def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
@@ -86,14 +89,16 @@ def write(ctx, ledger: List[dict]) -> str:
         teacher_speed={k: v.get("sents_per_sec") for k, v in teacher.items()},
         sacrebleu_signature=teacher.get("beam5_b64", {}).get("signature"),
         methods=present,
+        ablations=got["ablations"],
         paired_bootstrap=bootstrap(ctx, present) if "scratch" in present else [],
-        setup=dict(student=methods.STUDENT, tier=ctx.tier, seeds=ctx.seeds, jobs=ctx.args.jobs or
+        setup=dict(student=methods.STUDENT, tier=ctx.tier, jobs=ctx.args.jobs or
                    (1 if ctx.args.gpu else 2), threads_per_process=ctx.args.threads,
                    device="cuda" if ctx.args.gpu else "cpu", cpu=evaluate.cpu_name(), cores=os.cpu_count(),
                    python=platform.python_version(), torch=_torch_version(),
                    selection="checkpoint_best.pt by greedy valid BLEU (fairseq --eval-bleu), validated every "
                              f"{ctx.tier['validate_every']} updates from update {ctx.tier['validate_after']}"),
-        wall_time=dict(invocations=ledger, total_s=round(sum(i["wall_s"] for i in ledger), 1),
+        wall_time=dict(invocations=ledger, total_s=round(sum(i["wall_s"] for i in ledger if _compared(i)), 1),
+                       ablations_s=round(sum(i["wall_s"] for i in ledger if not _compared(i)), 1),
                        corpora_s=_corpora_seconds(ctx)),
     )
     suffix = SUFFIX.get(ctx.args.tier, "_" + ctx.args.tier)
@@ -109,6 +114,11 @@ def write(ctx, ledger: List[dict]) -> str:
     with open(os.path.join(ctx.args.out_dir, f"results{suffix}.md"), "w", encoding="utf-8") as f:
         f.write(markdown(res, png))
     return path
+
+
+def _compared(invocation: dict) -> bool:
+    """Whether an invocation of run.py ran any compared method (not only ablations)."""
+    return bool(set(invocation.get("methods", methods.METHODS)) & set(methods.METHODS))
 
 
 def _torch_version() -> str:
@@ -175,6 +185,15 @@ def markdown(res: dict, png: str) -> str:
             f"| {_fmt(r['student_sents_per_sec'])} | {_fmt(r['speedup_greedy_vs_teacher_beam5'])} "
             f"| {_fmt(r['student_sents_per_sec_beam5'])} | {_fmt(r['student_sents_per_sec_batch1'])} |")
     lines += ["", f"![BLEU against decoding speed]({png})", ""]
+    if res["ablations"]:
+        lines += ["## Ablations (same budget and settings, not part of the comparison)", "",
+                  "| variant | what | seeds | test BLEU greedy | test BLEU beam 5 | valid BLEU (selected) | s/update |",
+                  "|---|---|---|---|---|---|---|"]
+        for m, r in res["ablations"].items():
+            lines.append(f"| {m} | {r['label']} | {','.join(map(str, r['seeds']))} | {_bleu_cell(r, 'bleu_greedy')} "
+                         f"| {_bleu_cell(r, 'bleu_beam5')} | {_bleu_cell(r, 'val_bleu_selection')} "
+                         f"| {_fmt(r['sec_per_update'], 3)} |")
+        lines.append("")
     if res["paired_bootstrap"]:
         lines += ["## Paired bootstrap (sacreBLEU `--paired-bs`, 1,000 resamples, lowest seed's outputs)", "",
                   "| decode | baseline | system | baseline BLEU | system BLEU | 95% CI ± | p |", "|---|---|---|---|---|---|---|"]
@@ -184,8 +203,9 @@ def markdown(res: dict, png: str) -> str:
         lines.append("")
     wt = res["wall_time"]
     lines += ["## Wall time", "",
-              f"Total over {len(wt['invocations'])} invocation(s) of run.py: {wt['total_s'] / 3600:.2f} h "
-              f"(training, evaluation, timing, and whatever corpora were not built yet). "
+              f"The comparison: {wt['total_s'] / 3600:.2f} h over the invocations of run.py that ran it "
+              f"(training, evaluation, timing, and whatever corpora were not built yet); the ablations: "
+              f"{wt['ablations_s'] / 3600:.2f} h. "
               "The teacher's decoding time for the corpora (beam 5 over train, summed over shards): "
               + ", ".join(f"{k} {v:.0f} s" for k, v in wt["corpora_s"].items()) + ".", "",
               "## Commands", "", "```"]

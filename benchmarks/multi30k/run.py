@@ -53,13 +53,14 @@ def parse_args(argv=None):
     p.add_argument("--gpu", action="store_true", help="train and decode on the GPU (default: CPU)")
     p.add_argument("--jobs", type=int, default=None, help="runs side by side (default: 2 on CPU, 1 on GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
-    p.add_argument("--methods", default=",".join(methods.METHODS), help="comma-separated subset")
+    p.add_argument("--methods", default=",".join(methods.METHODS),
+                   help="comma-separated, default all compared methods; ablations: " + ", ".join(methods.ABLATIONS))
     p.add_argument("--max-update", type=int, default=None, help="override the tier's update budget (smoke runs)")
     p.add_argument("--seeds", default=None, help="override the tier's seeds for every method, e.g. 1,2")
     args = p.parse_args(argv)
-    unknown = sorted(set(args.methods.split(",")) - set(methods.METHODS))
+    unknown = sorted(set(args.methods.split(",")) - set(methods.ALL))
     if unknown:
-        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(methods.METHODS)}")
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(methods.ALL)}")
     for name in ("jobs", "threads", "max_update"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -197,7 +198,7 @@ def train(ctx: Context, method: str, seed: int) -> dict:
     attempts = read_json(attempts_path) if os.path.exists(attempts_path) else []
     if checkpoint_updates(os.path.join(run_dir, "checkpoint_last.pt")) < ctx.tier["max_update"]:
         # a finished run is never restarted: fairseq would resume it and do one update more
-        cmd = [sys.executable, "-m", "fairseq_cli.train", ctx.data[methods.METHODS[method]["data"]],
+        cmd = [sys.executable, "-m", "fairseq_cli.train", ctx.data[methods.ALL[method]["data"]],
                "--user-dir", USER_DIR, "--save-dir", run_dir] + methods.method_args(method, ctx.teacher_args) \
             + methods.common_args(ctx.tier, seed) + ctx.device_args
         t0 = time.time()
@@ -215,7 +216,7 @@ def train_and_evaluate(ctx: Context, method: str, seed: int) -> None:
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
         return
-    result = dict(method=method, seed=seed, data=methods.METHODS[method]["data"], **train(ctx, method, seed))
+    result = dict(method=method, seed=seed, data=methods.ALL[method]["data"], **train(ctx, method, seed))
     best = os.path.join(run_dir, "checkpoint_best.pt")
     if not os.path.isfile(best):
         raise RuntimeError(f"{best} was not written: did validation run?")
@@ -265,16 +266,16 @@ def main(argv=None) -> int:
     ctx.data["gold"] = data.prepare(args.text_dir, args.teacher_dir, ctx.work, os.path.join(ctx.work, "logs"))
 
     jobs = Scheduler(args.jobs or (1 if args.gpu else 2))
-    needed = {methods.METHODS[m]["data"] for m in ctx.seeds} - {"gold"}
+    needed = {methods.ALL[m]["data"] for m in ctx.seeds} - {"gold"}
     for corpus in sorted(needed):
         def build(corpus=corpus):
             ctx.data[corpus] = data.build_corpus(corpus, ctx.data["gold"], args.teacher_dir, ctx.work,
                                                  os.path.join(ctx.work, "logs"), ctx.device_args, env=ctx.env)
         jobs.add(f"corpus:{corpus}", build)
     # the longest runs first, so that the lanes end together
-    order = sorted(((m, s) for m in ctx.seeds for s in ctx.seeds[m]), key=lambda ms: -methods.METHODS[ms[0]]["cost"])
+    order = sorted(((m, s) for m in ctx.seeds for s in ctx.seeds[m]), key=lambda ms: -methods.ALL[ms[0]]["cost"])
     for m, s in order:
-        corpus = methods.METHODS[m]["data"]
+        corpus = methods.ALL[m]["data"]
         jobs.add(f"run:{m}:{s}", lambda m=m, s=s: train_and_evaluate(ctx, m, s),
                  deps=[f"corpus:{corpus}"] if corpus != "gold" else [])
     failed = jobs.run()
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
 
     timing = Scheduler(1)  # one at a time: decoding speed is measured with nothing else running
     timing.add("speed:teacher", lambda: time_decoding(ctx, "teacher", ctx.teacher, "teacher"))
-    for m in ctx.seeds:
+    for m in (m for m in ctx.seeds if m in methods.METHODS):  # ablations decode as fast as their method
         seed = min(ctx.seeds[m])
         best = os.path.join(ctx.run_dir(m, seed), "checkpoint_best.pt")
         if os.path.exists(os.path.join(ctx.run_dir(m, seed), "result.json")):
@@ -294,7 +295,8 @@ def main(argv=None) -> int:
     ledger_path = os.path.join(ctx.tier_dir, "invocations.json")
     ledger = read_json(ledger_path) if os.path.exists(ledger_path) else []
     ledger.append(dict(start=t_start, train_eval_s=round(t_train - t_start, 1), speed_s=round(t_end - t_train, 1),
-                       wall_s=round(t_end - t_start, 1), argv=sys.argv[1:], failed=failed))
+                       wall_s=round(t_end - t_start, 1), argv=sys.argv[1:], methods=sorted(ctx.seeds),
+                       failed=failed))
     write_json(ledger_path, ledger)
     path = report.write(ctx, ledger)
     logger.info("results: %s", path)
