@@ -105,3 +105,22 @@ def test_committed_results_have_what_the_readme_table_reads(name):
             assert isinstance(r[key], (int, float)), (m, key)
     for m in methods.MAIN_METHODS:
         assert len(res["methods"][m]["seeds"]) >= 2
+
+
+def test_report_keeps_methods_whose_names_share_a_prefix_apart(tmp_path):
+    import report
+
+    args = run.parse_args(["--workdir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    ctx = run.Context(args)
+    keys = ("bleu_greedy", "bleu_beam5", "val_bleu_selection", "val_bleu_greedy", "sec_per_update",
+            "train_total_s", "updates", "best_update")
+    for method, seed, bleu in (("imitkd", 1, 20.0), ("imitkd_star", 1, 30.0), ("scratch", 1, 10.0),
+                               ("scratch", 2, 12.0)):
+        d = ctx.run_dir(method, seed)
+        os.makedirs(d)
+        with open(os.path.join(d, "result.json"), "w") as f:
+            json.dump(dict({k: bleu for k in keys}, method=method, seed=seed, command="x"), f)
+    got = report.collect(ctx)["methods"]
+    assert got["imitkd"]["bleu_greedy"] == 20.0 and got["imitkd"]["seeds"] == [1]
+    assert got["imitkd_star"]["bleu_greedy"] == 30.0
+    assert got["scratch"]["bleu_greedy"] == 11.0 and got["scratch"]["bleu_greedy_stats"]["std"] == pytest.approx(1.41)

@@ -10,6 +10,7 @@ import evaluate
 import methods
 
 SUFFIX = {"quick": "", "full": "_full"}
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _read(path: str):
@@ -31,7 +32,7 @@ def collect(ctx) -> dict:
     for m in methods.ALL:  # every finished run of this tier, whichever invocation made it
         seeds = ctx.tier["seeds"][m]
         found = glob.glob(os.path.join(ctx.run_dir(m, "*"), "result.json"))
-        runs = {r["seed"]: r for r in map(_read, found)}
+        runs = {r["seed"]: r for r in map(_read, found) if r["method"] == m}  # imitkd_s* also finds imitkd_star
         if not runs:
             continue
         rec = dict(label=methods.ALL[m]["label"], data=methods.ALL[m]["data"], seeds=sorted(runs),
@@ -113,7 +114,41 @@ def write(ctx, ledger: List[dict]) -> str:
     plot(res, os.path.join(ctx.args.out_dir, png))
     with open(os.path.join(ctx.args.out_dir, f"results{suffix}.md"), "w", encoding="utf-8") as f:
         f.write(markdown(res, png))
+    if suffix == "" and os.path.abspath(ctx.args.out_dir) == HERE:
+        update_readme(os.path.join(os.path.dirname(os.path.dirname(HERE)), "README.md"), res)
     return path
+
+
+README_BEGIN = "<!-- multi30k-table: written by benchmarks/multi30k/report.py -->"
+README_END = "<!-- /multi30k-table -->"
+
+
+def readme_table(res: dict) -> str:
+    """The compact table README.md shows: quality, training cost and decoding speed."""
+    base = res["methods"].get("scratch", {}).get("sec_per_update")
+    rows = ["| method | test BLEU greedy | test BLEU beam 5 | s/update | cost × scratch | sents/s (greedy, b64) "
+            "| × teacher beam 5 |", "|---|---|---|---|---|---|---|",
+            f"| teacher (3+3, d=256) | {_fmt(res['teacher_bleu_greedy'], 2)} | {_fmt(res['teacher_bleu_beam5'], 2)} "
+            f"| – | – | {_fmt(res['teacher_speed'].get('greedy_b64'))} (beam 5: {_fmt(res['teacher_sents_per_sec'])}) | 1.0 |"]
+    for m, r in res["methods"].items():
+        rows.append(f"| {m} | {_bleu_cell(r, 'bleu_greedy')} | {_bleu_cell(r, 'bleu_beam5')} "
+                    f"| {_fmt(r['sec_per_update'], 2)} | {_fmt(_ratio(r['sec_per_update'], base), 2)} "
+                    f"| {_fmt(r['student_sents_per_sec'])} | {_fmt(r['speedup_greedy_vs_teacher_beam5'])} |")
+    return "\n".join(rows)
+
+
+def update_readme(path: str, res: dict) -> None:
+    """Replace the table between README's markers (if it has them) with the committed results."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        return
+    head, rest = text.split(README_BEGIN, 1)
+    _old, tail = rest.split(README_END, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + README_BEGIN + "\n" + readme_table(res) + "\n" + README_END + tail)
 
 
 def _compared(invocation: dict) -> bool:
@@ -138,8 +173,7 @@ def _corpora_seconds(ctx) -> Dict[str, float]:
 
 def _portable(cmd: str) -> str:
     """A command as a user would type it from the repository root, with ../shared beside it."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    repo = os.path.dirname(os.path.dirname(here))
+    repo = os.path.dirname(os.path.dirname(HERE))
     cmd = cmd.replace(os.path.join(os.path.dirname(repo), "shared") + "/", "../shared/")
     return cmd.replace(repo + "/", "")
 
@@ -187,12 +221,11 @@ def markdown(res: dict, png: str) -> str:
     lines += ["", f"![BLEU against decoding speed]({png})", ""]
     if res["ablations"]:
         lines += ["## Ablations (same budget and settings, not part of the comparison)", "",
-                  "| variant | what | seeds | test BLEU greedy | test BLEU beam 5 | valid BLEU (selected) | s/update |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| variant | what | seeds | test BLEU greedy | test BLEU beam 5 | valid BLEU (selected) |",
+                  "|---|---|---|---|---|---|"]
         for m, r in res["ablations"].items():
             lines.append(f"| {m} | {r['label']} | {','.join(map(str, r['seeds']))} | {_bleu_cell(r, 'bleu_greedy')} "
-                         f"| {_bleu_cell(r, 'bleu_beam5')} | {_bleu_cell(r, 'val_bleu_selection')} "
-                         f"| {_fmt(r['sec_per_update'], 3)} |")
+                         f"| {_bleu_cell(r, 'bleu_beam5')} | {_bleu_cell(r, 'val_bleu_selection')} |")
         lines.append("")
     if res["paired_bootstrap"]:
         lines += ["## Paired bootstrap (sacreBLEU `--paired-bs`, 1,000 resamples, lowest seed's outputs)", "",

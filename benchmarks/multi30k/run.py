@@ -57,6 +57,7 @@ def parse_args(argv=None):
                    help="comma-separated, default all compared methods; ablations: " + ", ".join(methods.ABLATIONS))
     p.add_argument("--max-update", type=int, default=None, help="override the tier's update budget (smoke runs)")
     p.add_argument("--seeds", default=None, help="override the tier's seeds for every method, e.g. 1,2")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the results from what is finished")
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(methods.ALL))
     if unknown:
@@ -258,9 +259,13 @@ def time_decoding(ctx: Context, name: str, checkpoint: str, kind: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout)
+                        stream=sys.stdout, force=True)  # an import may have configured logging already
     data.check_inputs(args.text_dir, args.teacher_dir)
     ctx = Context(args)
+    ledger_path = os.path.join(ctx.tier_dir, "invocations.json")
+    if args.report_only:
+        logger.info("results: %s", report.write(ctx, read_json(ledger_path) if os.path.exists(ledger_path) else []))
+        return 0
     os.makedirs(ctx.logs, exist_ok=True)
     t_start = time.time()
     ctx.data["gold"] = data.prepare(args.text_dir, args.teacher_dir, ctx.work, os.path.join(ctx.work, "logs"))
@@ -292,7 +297,6 @@ def main(argv=None) -> int:
     t_end = time.time()
 
     # every invocation's wall time is kept: an interrupted tier's total is their sum
-    ledger_path = os.path.join(ctx.tier_dir, "invocations.json")
     ledger = read_json(ledger_path) if os.path.exists(ledger_path) else []
     ledger.append(dict(start=t_start, train_eval_s=round(t_train - t_start, 1), speed_s=round(t_end - t_train, 1),
                        wall_s=round(t_end - t_start, 1), argv=sys.argv[1:], methods=sorted(ctx.seeds),
