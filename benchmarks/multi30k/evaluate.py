@@ -87,7 +87,7 @@ def cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["uname", "-m"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def mean_std(values: Sequence[float]) -> dict:

@@ -27,7 +27,7 @@ import shlex
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import data
 import evaluate

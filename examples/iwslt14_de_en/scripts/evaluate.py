@@ -16,7 +16,6 @@ Results are merged by system name into OUT/results.json and rewritten as OUT/res
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
