@@ -89,6 +89,9 @@ def test_bad_options_are_refused_with_their_name(capsys):
     with pytest.raises(SystemExit):
         run.parse_args(["--jobs", "0"])
     assert "--jobs must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.parse_args(["--seeds", "1,x"])
+    assert "--seeds must be comma-separated integers" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["results.json"])

@@ -62,6 +62,13 @@ def parse_args(argv=None):
     unknown = sorted(set(args.methods.split(",")) - set(methods.ALL))
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(methods.ALL)}")
+    if args.seeds is not None:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            p.error(f"--seeds must be comma-separated integers, e.g. 1,2 (got {args.seeds!r})")
+        if not seeds or min(seeds) < 1:
+            p.error(f"--seeds must be positive integers (got {args.seeds!r})")
     for name in ("jobs", "threads", "max_update"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
