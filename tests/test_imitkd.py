@@ -95,9 +95,11 @@ def _record_training_calls(monkeypatch):
     return calls
 
 
-def test_resume_continues_exactly(toy_data, teacher, tmp_path, monkeypatch):
+@pytest.mark.parametrize("clock", ["updates", "agreement"])
+def test_resume_continues_exactly(toy_data, teacher, tmp_path, monkeypatch, clock):
     """Stopped at update k and resumed from checkpoint_last.pt, update k+1 sees the same beta, the same
-    on-policy rows, the same rollout tokens and the same loss as an uninterrupted run."""
+    on-policy rows, the same rollout tokens and the same loss as an uninterrupted run. With the agreement
+    clock, β depends on the clock's state, which must come back from the checkpoint."""
     from conftest import fairseq_train
 
     calls = _record_training_calls(monkeypatch)
@@ -105,6 +107,9 @@ def test_resume_continues_exactly(toy_data, teacher, tmp_path, monkeypatch):
     # the horizon is pinned: with the default (--max-update) a run extended later would change beta
     extra = ["--imitkd-beta-updates", "8", "--imitkd-beta-base", "4", "--imitkd-sampling", "topk",
              "--imitkd-topk", "5"]
+    if clock == "agreement":  # thresholds the toy student crosses within k updates, a short memory
+        extra += ["--imitkd-beta-clock", "agreement", "--imitkd-agree-low", "0.0", "--imitkd-agree-high", "0.5",
+                  "--imitkd-agree-momentum", "0.5"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     straight.mkdir()
     interrupted.mkdir()
@@ -120,10 +125,37 @@ def test_resume_continues_exactly(toy_data, teacher, tmp_path, monkeypatch):
 
     assert before["update_num"] == k - 1 and resumed["update_num"] == uninterrupted["update_num"] == k
     assert resumed["sample_ids"] == uninterrupted["sample_ids"]
-    assert resumed["beta"] == uninterrupted["beta"] == pytest.approx(4 ** (-k / 8))
+    assert resumed["beta"] == uninterrupted["beta"]
+    if clock == "updates":
+        assert resumed["beta"] == pytest.approx(4 ** (-k / 8))
+    else:
+        state = torch.load(straight / "checkpoint_last.pt")["task_state"]["kd_schedule"]
+        assert state["observations"] == k + 1 and 0.0 < state["progress"] <= 1.0
+        # β follows the clock, not the update count: the 4^(-x) curve at the clock's progress after k updates
+        assert resumed["beta"] < 1.0
+        assert resumed["beta"] != pytest.approx(4 ** (-k / 8))
     assert resumed["n_on_policy"] == uninterrupted["n_on_policy"] and resumed["n_on_policy"] > 0
     assert torch.equal(resumed["tokens"], uninterrupted["tokens"])
     assert resumed["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-6)
+
+
+def test_agreement_clock_logs_progress_and_warmup_holds_beta(toy_data, teacher, tmp_path):
+    """β = 1 through the warm-up whatever the clock says; the log shows the clock's progress beside β."""
+    from conftest import fairseq_train
+
+    fairseq_train(*imitkd_args(toy_data, teacher, tmp_path, "--imitkd-beta-clock", "agreement",
+                               "--imitkd-agree-low", "0.0", "--imitkd-agree-high", "0.3",
+                               "--imitkd-beta-warmup-updates", "3", "--imitkd-beta-schedule", "linear",
+                               "--max-update", "6"))
+    rows = read_json_log(tmp_path / "log.txt", "train_inner")
+    betas = [float(r["beta"]) for r in rows]
+    progress = [float(r["beta_progress"]) for r in rows]
+    assert betas[:3] == [1.0, 1.0, 1.0]
+    assert progress == sorted(progress)  # the ratchet
+    # after the warm-up, linear β is 1 - progress of the clock as it stood before the update
+    for t in range(3, 6):
+        assert betas[t] == pytest.approx(1.0 - progress[t], abs=1e-3)
+    assert progress[-1] > 0.0
 
 
 def test_epoch_bounded_run_needs_a_horizon(toy_data, teacher):
@@ -136,7 +168,9 @@ def test_epoch_bounded_run_needs_a_horizon(toy_data, teacher):
 
 
 @pytest.mark.parametrize("flag,value", [("--imitkd-beta", "1.5"), ("--imitkd-temperature", "0"),
-                                        ("--imitkd-topk", "-1"), ("--imitkd-beta-base", "1")])
+                                        ("--imitkd-topk", "-1"), ("--imitkd-beta-base", "1"),
+                                        ("--imitkd-beta-warmup-updates", "-2"), ("--imitkd-beta-warmup-updates", "10"),
+                                        ("--imitkd-max-len-a", "-1"), ("--label-smoothing", "1.0")])
 def test_bad_options_are_named(toy_data, teacher, flag, value):
     with pytest.raises(ValueError, match=flag):
         build_training_objects(toy_data, "--task", "distillation", "--teacher-path", teacher,

@@ -62,6 +62,12 @@ def prepare(text_dir: str, teacher_dir: str, work: str, log_dir: str) -> str:
     return bin_dir
 
 
+def source_lengths(work: str, split: str) -> List[int]:
+    """Tokens per source sentence of a prepared split (without EOS, as fairseq's length limit counts)."""
+    with open(os.path.join(work, "spm", f"{SPLITS[split]}.{SRC}"), encoding="utf-8") as f:
+        return [len(line.split()) for line in f]
+
+
 # name -> imitkd-seqkd options beyond the beam
 CORPORA = {
     "seqkd": [],

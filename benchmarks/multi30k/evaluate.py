@@ -12,11 +12,33 @@ from data import run_logged
 # output length limit a*source+b for every model and decode: the rollouts' default, long enough for
 # the teacher's outputs, and it keeps a weak early student from decoding 200 tokens of garbage
 MAX_LEN = (1.2, 10)
+# what a user gets from fairseq-generate without length options: a = 0, b = 200
+DEFAULT_MAX_LEN = (0.0, 200)
+
+
+def output_lengths(lines: Sequence[str]) -> Dict[int, int]:
+    """Sample id -> tokens of its best hypothesis, EOS not counted (``P-`` lines score EOS too)."""
+    out = {}
+    for line in lines:
+        if line.startswith("P-"):
+            idx, scores = (line.rstrip("\n").split("\t", 1) + [""])[:2]
+            out.setdefault(int(idx[2:]), len(scores.split()) - 1)
+    return out
+
+
+def length_stats(lengths: Dict[int, int], src_lengths: Sequence[int], max_len: Sequence[float]) -> dict:
+    """The share of outputs that stop only at the limit ``a·src + b`` (fairseq's rule: src without EOS)."""
+    a, b = max_len
+    at_limit = sum(1 for i, n in lengths.items() if n >= int(a * src_lengths[i] + b))
+    return dict(at_limit_share=round(at_limit / max(len(lengths), 1), 4),
+                mean_out_tokens=round(sum(lengths.values()) / max(len(lengths), 1), 2))
 
 
 def generate(bin_dir: str, checkpoint: str, split: str, out_prefix: str, *, beam: int, batch_size: int,
-             user_dir: str, device_args: List[str], env: Optional[dict] = None) -> dict:
-    """Decode one split; write ``out_prefix.hyp`` (detokenized, in corpus order); return speed figures.
+             user_dir: str, device_args: List[str], env: Optional[dict] = None,
+             max_len: Sequence[float] = MAX_LEN, src_lengths: Optional[Sequence[int]] = None) -> dict:
+    """Decode one split; write ``out_prefix.hyp`` (detokenized, in corpus order); return speed figures
+    (and, given the source lengths in tokens, how many outputs ran to the length limit).
 
     ``--required-batch-size-multiple 1``: with fairseq's default of 8 this fairseq build silently drops
     the last partial batch. The speed is fairseq's own timer, which covers decoding and not loading.
@@ -27,7 +49,7 @@ def generate(bin_dir: str, checkpoint: str, split: str, out_prefix: str, *, beam
     run_logged([sys.executable, "-m", "fairseq_cli.generate", bin_dir, "--user-dir", user_dir,
                 "--path", checkpoint, "--gen-subset", split, "--beam", str(beam), "--nbest", "1",
                 "--batch-size", str(batch_size), "--required-batch-size-multiple", "1",
-                "--max-len-a", str(MAX_LEN[0]), "--max-len-b", str(MAX_LEN[1]),
+                "--max-len-a", str(max_len[0]), "--max-len-b", str(max_len[1]),
                 "--remove-bpe", "sentencepiece", "--num-workers", "0"] + device_args, log_path, env=env)
     with open(log_path, encoding="utf-8") as f:
         lines = f.readlines()
@@ -41,7 +63,10 @@ def generate(bin_dir: str, checkpoint: str, split: str, out_prefix: str, *, beam
         raise RuntimeError(f"{log_path}: {len(hyps)} hypotheses for {speed['sentences']} sentences")
     with open(out_prefix + ".hyp", "w", encoding="utf-8") as f:
         f.write("".join(hyps[i] + "\n" for i in range(n)))
-    return dict(speed, beam=beam, batch_size=batch_size)
+    out = dict(speed, beam=beam, batch_size=batch_size, max_len=list(max_len))
+    if src_lengths is not None:
+        out.update(length_stats(output_lengths(lines), src_lengths, max_len))
+    return out
 
 
 def read_lines(path: str) -> List[str]:
@@ -55,7 +80,8 @@ def bleu(hyp_path: str, ref_path: str) -> dict:
         raise RuntimeError(f"{hyp_path}: {len(hyps)} lines, but {ref_path} has {len(refs)}")
     metric = sacrebleu.BLEU()
     score = metric.corpus_score(hyps, [refs])
-    return dict(bleu=round(score.score, 2), signature=str(metric.get_signature()))
+    return dict(bleu=round(score.score, 2), signature=str(metric.get_signature()),
+                len_ratio=round(score.sys_len / max(score.ref_len, 1), 4))
 
 
 def paired_bootstrap(baseline: str, systems: Dict[str, str], ref_path: str, n_samples: int = 1000) -> Dict[str, dict]:

@@ -9,7 +9,9 @@ from typing import Dict, List, Optional
 import evaluate
 import methods
 
-SUFFIX = {"quick": "", "full": "_full"}
+SUFFIX = {"quick": "", "full": "_full", "competent": "_competent"}
+# greedy test decodes whose output lengths are reported: with the benchmark's cap, and as users decode
+LENGTH_DECODES = {"test.beam1": "capped", "test.beam1.nolimit": "nolimit"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -37,15 +39,24 @@ def collect(ctx) -> dict:
             continue
         rec = dict(label=methods.ALL[m]["label"], data=methods.ALL[m]["data"], seeds=sorted(runs),
                    seeds_planned=seeds)
-        for key in ("bleu_greedy", "bleu_beam5", "val_bleu_selection", "val_bleu_greedy", "sec_per_update",
-                    "train_total_s"):
-            stats = evaluate.mean_std([r[key] for r in runs.values()])
+        for key in ("bleu_greedy", "bleu_beam5", "bleu_greedy_nolimit", "val_bleu_selection", "val_bleu_greedy",
+                    "sec_per_update", "train_total_s"):
+            values = [r[key] for r in runs.values() if r.get(key) is not None]  # older runs lack nolimit
+            if not values:
+                continue
+            stats = evaluate.mean_std(values)
             rec[key] = stats["mean"]
-            if len(runs) > 1:
+            if len(values) > 1:
                 rec[key + "_stats"] = stats
-        rec["per_seed"] = {str(s): {k: r[k] for k in ("bleu_greedy", "bleu_beam5", "val_bleu_selection",
-                                                       "val_bleu_greedy", "best_update", "sec_per_update",
-                                                       "train_total_s", "updates")} for s, r in runs.items()}
+        for name, tag in LENGTH_DECODES.items():
+            for stat in ("at_limit_share", "len_ratio"):
+                values = [r["length"][name][stat] for r in runs.values() if name in r.get("length", {})]
+                if values:
+                    rec[f"{stat}_{tag}"] = round(sum(values) / len(values), 4)
+        rec["per_seed"] = {str(s): {k: r.get(k) for k in ("bleu_greedy", "bleu_beam5", "bleu_greedy_nolimit",
+                                                           "val_bleu_selection", "val_bleu_greedy", "best_update",
+                                                           "sec_per_update", "train_total_s", "updates", "length")}
+                           for s, r in runs.items()}
         sp = speed.get(m, {})
         rec["student_sents_per_sec"] = sp.get("greedy_b64", {}).get("sents_per_sec")
         rec["student_sents_per_sec_beam5"] = sp.get("beam5_b64", {}).get("sents_per_sec")
@@ -58,21 +69,27 @@ def collect(ctx) -> dict:
                 ablations={m: r for m, r in out_methods.items() if m in methods.ABLATIONS}, teacher=teacher, speed=speed)
 
 
+BOOTSTRAP_DECODES = (("greedy", "test.beam1"), ("beam5", "test.beam5"), ("greedy_nolimit", "test.beam1.nolimit"))
+
+
 def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
-    """Paired bootstrap on seed-1 (lowest seed) test outputs: KD methods against scratch, ImitKD against seqkd."""
+    """Paired bootstrap on the lowest seed's test outputs: every method against scratch, every ImitKD
+    variant against word_kd and against seqkd."""
     ref = os.path.join(ctx.args.text_dir, "test_2016_flickr.en")
     pairs = [("scratch", m) for m in present if m != "scratch"]
-    pairs += [("seqkd", m) for m in present if m.startswith("imitkd")]
+    pairs += [(base, m) for base in ("word_kd", "seqkd") for m in present if m.startswith("imitkd")]
     out = []
-    for decode, beam in (("greedy", 1), ("beam5", 5)):
-        for base in ("scratch", "seqkd"):
-            systems = [m for b, m in pairs if b == base and b in present]
-            if not systems:
+    for decode, name in BOOTSTRAP_DECODES:
+        for base in ("scratch", "word_kd", "seqkd"):
+            hyp = {m: os.path.join(ctx.run_dir(m, present[m]["seeds"][0]), name + ".hyp")
+                   for b, m in pairs if b == base and b in present}
+            hyp = {m: p for m, p in hyp.items() if os.path.exists(p)}
+            base_hyp = os.path.join(ctx.run_dir(base, present[base]["seeds"][0]), name + ".hyp") \
+                if base in present else None
+            if not hyp or not base_hyp or not os.path.exists(base_hyp):
                 continue
-            hyp = {m: os.path.join(ctx.run_dir(m, present[m]["seeds"][0]), f"test.beam{beam}.hyp")
-                   for m in [base] + systems}
-            res = evaluate.paired_bootstrap(hyp[base], {m: hyp[m] for m in systems}, ref)
-            for m in systems:
+            res = evaluate.paired_bootstrap(base_hyp, hyp, ref)
+            for m in hyp:
                 out.append(dict(decode=decode, baseline=base, system=m, **res[m]))
     return out
 
@@ -116,41 +133,48 @@ def write(ctx, ledger: List[dict]) -> str:
     plot(res, os.path.join(ctx.args.out_dir, png))
     with open(os.path.join(ctx.args.out_dir, f"results{suffix}.md"), "w", encoding="utf-8") as f:
         f.write(markdown(res, png))
-    if suffix == "" and os.path.abspath(ctx.args.out_dir) == HERE:
-        update_readme(os.path.join(os.path.dirname(os.path.dirname(HERE)), "README.md"), res)
+    if suffix in README_MARKERS and os.path.abspath(ctx.args.out_dir) == HERE:
+        update_readme(os.path.join(os.path.dirname(os.path.dirname(HERE)), "README.md"), res, *README_MARKERS[suffix])
     return path
 
 
 README_BEGIN = "<!-- multi30k-table: written by benchmarks/multi30k/report.py -->"
 README_END = "<!-- /multi30k-table -->"
+README_MARKERS = {  # results suffix -> README markers of its table
+    "": (README_BEGIN, README_END),
+    "_competent": ("<!-- multi30k-competent-table: written by benchmarks/multi30k/report.py -->",
+                   "<!-- /multi30k-competent-table -->"),
+}
 
 
 def readme_table(res: dict) -> str:
     """The compact table README.md shows: quality, training cost and decoding speed."""
     base = res["methods"].get("scratch", {}).get("sec_per_update")
-    rows = ["| method | test BLEU greedy | test BLEU beam 5 | s/update | cost × scratch | sents/s (greedy, b64) "
-            "| × teacher beam 5 |", "|---|---|---|---|---|---|---|",
-            f"| teacher (3+3, d=256) | {_fmt(res['teacher_bleu_greedy'], 2)} | {_fmt(res['teacher_bleu_beam5'], 2)} "
-            f"| – | – | {_fmt(res['teacher_speed'].get('greedy_b64'))} (beam 5: {_fmt(res['teacher_sents_per_sec'])}) | 1.0 |"]
+    rows = ["| method | seeds | test BLEU greedy | greedy, uncapped | test BLEU beam 5 | s/update | cost × scratch "
+            "| sents/s (greedy, b64) | × teacher beam 5 |", "|---|---|---|---|---|---|---|---|---|",
+            f"| teacher (3+3, d=256) | – | {_fmt(res['teacher_bleu_greedy'], 2)} | – | {_fmt(res['teacher_bleu_beam5'], 2)} "
+            f"| – | – | {_fmt(res['teacher_speed'].get('greedy_b64'))} (beam 5: {_fmt(res['teacher_sents_per_sec'])}) "
+            f"| {'1.0' if res['teacher_sents_per_sec'] else '–'} |"]
     for m, r in res["methods"].items():
-        rows.append(f"| {m} | {_bleu_cell(r, 'bleu_greedy')} | {_bleu_cell(r, 'bleu_beam5')} "
-                    f"| {_fmt(r['sec_per_update'], 2)} | {_fmt(_ratio(r['sec_per_update'], base), 2)} "
+        rows.append(f"| {m} | {','.join(map(str, r['seeds']))} | {_bleu_cell(r, 'bleu_greedy')} "
+                    f"| {_bleu_cell(r, 'bleu_greedy_nolimit')} | {_bleu_cell(r, 'bleu_beam5')} "
+                    f"| {_fmt(r.get('sec_per_update'), 2)} | {_fmt(_ratio(r.get('sec_per_update'), base), 2)} "
                     f"| {_fmt(r['student_sents_per_sec'])} | {_fmt(r['speedup_greedy_vs_teacher_beam5'])} |")
     return "\n".join(rows)
 
 
-def update_readme(path: str, res: dict) -> None:
+def update_readme(path: str, res: dict, begin: str = README_BEGIN, end: str = README_END) -> None:
     """Replace the table between README's markers (if it has them) with the committed results."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if README_BEGIN not in text or README_END not in text:
+    if begin not in text or end not in text:
         return
-    head, rest = text.split(README_BEGIN, 1)
-    _old, tail = rest.split(README_END, 1)
+    head, rest = text.split(begin, 1)
+    _old, tail = rest.split(end, 1)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(head + README_BEGIN + "\n" + readme_table(res) + "\n" + README_END + tail)
+        f.write(head + begin + "\n" + readme_table(res) + "\n" + end + tail)
 
 
 def _median(values: List[Optional[float]]) -> Optional[float]:
@@ -191,6 +215,10 @@ def _fmt(v, nd=1) -> str:
     return "–" if v is None else f"{v:.{nd}f}"
 
 
+def _pair(rec: dict, stat: str, nd: int) -> str:
+    return f"{_fmt(rec.get(stat + '_capped'), nd)} / {_fmt(rec.get(stat + '_nolimit'), nd)}"
+
+
 def _bleu_cell(rec: dict, key: str) -> str:
     stats = rec.get(key + "_stats")
     if stats:
@@ -214,17 +242,22 @@ def markdown(res: dict, png: str) -> str:
         "Decoding speed: test set (1,000 sentences), fairseq-generate's own timer, one model at a time, "
         f"{s['threads_per_process']} thread(s). ×T: student greedy at batch 64 against the teacher's beam 5 at batch 64.",
         "",
-        "| method | seeds | test BLEU greedy | test BLEU beam 5 | valid BLEU (selected) | s/update | train wall (s) "
-        "| sents/s greedy b64 | ×T | sents/s beam5 b64 | sents/s greedy b1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| **teacher** (3+3, d=256) | – | {_fmt(res['teacher_bleu_greedy'], 2)} | {_fmt(res['teacher_bleu_beam5'], 2)} "
-        f"| – | – | – | {_fmt(res['teacher_speed'].get('greedy_b64'))} | – | {_fmt(res['teacher_speed'].get('beam5_b64'))} "
-        f"| beam5 b1: {_fmt(res['teacher_speed'].get('beam5_b1'))} |",
+        "Uncapped: greedy at fairseq-generate's default length limit (200 tokens), as a user decodes. At limit: the "
+        "share of greedy outputs that stop only at the limit (capped / uncapped); len: sacreBLEU's output/reference "
+        "length ratio (capped / uncapped).", "",
+        "| method | seeds | test BLEU greedy | greedy uncapped | test BLEU beam 5 | valid BLEU (selected) | at limit "
+        "| len | s/update | train wall (s) | sents/s greedy b64 | ×T | sents/s beam5 b64 | sents/s greedy b1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| **teacher** (3+3, d=256) | – | {_fmt(res['teacher_bleu_greedy'], 2)} | – | {_fmt(res['teacher_bleu_beam5'], 2)} "
+        f"| – | – | – | – | – | {_fmt(res['teacher_speed'].get('greedy_b64'))} | – "
+        f"| {_fmt(res['teacher_speed'].get('beam5_b64'))} | beam5 b1: {_fmt(res['teacher_speed'].get('beam5_b1'))} |",
     ]
     for m, r in res["methods"].items():
         lines.append(
-            f"| {m} | {','.join(map(str, r['seeds']))} | {_bleu_cell(r, 'bleu_greedy')} | {_bleu_cell(r, 'bleu_beam5')} "
-            f"| {_bleu_cell(r, 'val_bleu_selection')} | {_fmt(r['sec_per_update'], 3)} | {_fmt(r['train_total_s'], 0)} "
+            f"| {m} | {','.join(map(str, r['seeds']))} | {_bleu_cell(r, 'bleu_greedy')} "
+            f"| {_bleu_cell(r, 'bleu_greedy_nolimit')} | {_bleu_cell(r, 'bleu_beam5')} "
+            f"| {_bleu_cell(r, 'val_bleu_selection')} | {_pair(r, 'at_limit_share', 3)} | {_pair(r, 'len_ratio', 2)} "
+            f"| {_fmt(r.get('sec_per_update'), 3)} | {_fmt(r.get('train_total_s'), 0)} "
             f"| {_fmt(r['student_sents_per_sec'])} | {_fmt(r['speedup_greedy_vs_teacher_beam5'])} "
             f"| {_fmt(r['student_sents_per_sec_beam5'])} | {_fmt(r['student_sents_per_sec_batch1'])} |")
     med = res["student_sents_per_sec_median"]
@@ -235,11 +268,12 @@ def markdown(res: dict, png: str) -> str:
               "", f"![BLEU against decoding speed]({png})", ""]
     if res["ablations"]:
         lines += ["## Ablations (same budget and settings, not part of the comparison)", "",
-                  "| variant | what | seeds | test BLEU greedy | test BLEU beam 5 | valid BLEU (selected) |",
-                  "|---|---|---|---|---|---|"]
+                  "| variant | what | seeds | test BLEU greedy | greedy uncapped | test BLEU beam 5 "
+                  "| valid BLEU (selected) |", "|---|---|---|---|---|---|---|"]
         for m, r in res["ablations"].items():
             lines.append(f"| {m} | {r['label']} | {','.join(map(str, r['seeds']))} | {_bleu_cell(r, 'bleu_greedy')} "
-                         f"| {_bleu_cell(r, 'bleu_beam5')} | {_bleu_cell(r, 'val_bleu_selection')} |")
+                         f"| {_bleu_cell(r, 'bleu_greedy_nolimit')} | {_bleu_cell(r, 'bleu_beam5')} "
+                         f"| {_bleu_cell(r, 'val_bleu_selection')} |")
         lines.append("")
     if res["paired_bootstrap"]:
         lines += ["## Paired bootstrap (sacreBLEU `--paired-bs`, 1,000 resamples, lowest seed's outputs)", "",

@@ -53,12 +53,17 @@ def parse_args(argv=None):
     p.add_argument("--gpu", action="store_true", help="train and decode on the GPU (default: CPU)")
     p.add_argument("--jobs", type=int, default=None, help="runs side by side (default: 2 on CPU, 1 on GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
-    p.add_argument("--methods", default=",".join(methods.METHODS),
-                   help="comma-separated, default all compared methods; ablations: " + ", ".join(methods.ABLATIONS))
+    p.add_argument("--methods", default=None,
+                   help="comma-separated, default all compared methods of the tier; ablations: "
+                   + ", ".join(methods.ABLATIONS))
     p.add_argument("--max-update", type=int, default=None, help="override the tier's update budget (smoke runs)")
     p.add_argument("--seeds", default=None, help="override the tier's seeds for every method, e.g. 1,2")
     p.add_argument("--report-only", action="store_true", help="only rewrite the results from what is finished")
+    p.add_argument("--skip-speed", action="store_true",
+                   help="train and evaluate only; time decoding in a later invocation, with nothing else running")
     args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = ",".join(methods.COMPETENT_METHODS if args.tier == "competent" else methods.METHODS)
     unknown = sorted(set(args.methods.split(",")) - set(methods.ALL))
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(methods.ALL)}")
@@ -96,6 +101,18 @@ class Context:
 
     def run_dir(self, method: str, seed: int) -> str:
         return os.path.join(self.tier_dir, "runs", f"{method}_s{seed}")
+
+    def start_context(self) -> "Context":
+        """The tier whose students this tier continues (the competent tier: the quick tier's scratch)."""
+        tier = self.tier["start_from"].split(":")[0]
+        args = argparse.Namespace(**dict(vars(self.args), tier=tier))  # a smoke run continues a smoke run
+        ctx = Context(args)
+        ctx.data = self.data
+        return ctx
+
+    def start_checkpoint(self, seed: int) -> str:
+        method = self.tier["start_from"].split(":")[1]
+        return os.path.join(self.start_context().run_dir(method, seed), "checkpoint_last.pt")
 
 
 class Scheduler:
@@ -207,8 +224,12 @@ def train(ctx: Context, method: str, seed: int) -> dict:
     if checkpoint_updates(os.path.join(run_dir, "checkpoint_last.pt")) < ctx.tier["max_update"]:
         # a finished run is never restarted: fairseq would resume it and do one update more
         cmd = [sys.executable, "-m", "fairseq_cli.train", ctx.data[methods.ALL[method]["data"]],
-               "--user-dir", USER_DIR, "--save-dir", run_dir] + methods.method_args(method, ctx.teacher_args) \
+               "--user-dir", USER_DIR, "--save-dir", run_dir] + methods.method_args(method, ctx.teacher_args, ctx.tier) \
             + methods.common_args(ctx.tier, seed) + ctx.device_args
+        if "start_from" in ctx.tier:
+            # fairseq loads it (weights only: optimizer, schedule, meters and data order reset) on the first
+            # launch and resumes from checkpoint_last.pt after an interruption
+            cmd += ["--finetune-from-model", ctx.start_checkpoint(seed)]
         t0 = time.time()
         data.run_logged(cmd, os.path.join(run_dir, "train.log"), env=ctx.env)
         attempts.append(dict(wall_s=round(time.time() - t0, 1), command=shlex.join(cmd[1:]), ended=time.time()))
@@ -228,17 +249,36 @@ def train_and_evaluate(ctx: Context, method: str, seed: int) -> None:
     best = os.path.join(run_dir, "checkpoint_best.pt")
     if not os.path.isfile(best):
         raise RuntimeError(f"{best} was not written: did validation run?")
-    for split, beam in (("test", 1), ("test", 5), ("valid", 1)):
-        prefix = os.path.join(run_dir, f"{split}.beam{beam}")
-        speed = evaluate.generate(ctx.data["gold"], best, split, prefix, beam=beam, batch_size=64, user_dir=USER_DIR,
-                                  device_args=ctx.device_args, env=ctx.env)
-        ref = os.path.join(ctx.args.text_dir, f"{data.SPLITS[split]}.{data.TGT}")
-        score = evaluate.bleu(prefix + ".hyp", ref)
-        key = "bleu_greedy" if beam == 1 else "bleu_beam5"
-        result[key if split == "test" else "val_bleu_greedy"] = score["bleu"]
-        result["sacrebleu_signature"] = score["signature"]
-        result.setdefault("eval_sents_per_sec_shared_machine", {})[f"{split}_beam{beam}"] = speed["sents_per_sec"]
+    result.update(evaluate_checkpoint(ctx, best, run_dir))
     write_json(result_path, result)
+
+
+# (result key, split, beam, length limit, file name)
+DECODES = (
+    ("bleu_greedy", "test", 1, evaluate.MAX_LEN, "test.beam1"),
+    ("bleu_beam5", "test", 5, evaluate.MAX_LEN, "test.beam5"),
+    ("val_bleu_greedy", "valid", 1, evaluate.MAX_LEN, "valid.beam1"),
+    # as users decode: fairseq-generate's own length limit
+    ("bleu_greedy_nolimit", "test", 1, evaluate.DEFAULT_MAX_LEN, "test.beam1.nolimit"),
+)
+
+
+def evaluate_checkpoint(ctx: Context, checkpoint: str, out_dir: str) -> dict:
+    """Every decode of DECODES: BLEU, output/reference length ratio and the share of outputs at the limit."""
+    result = {}
+    for key, split, beam, max_len, name in DECODES:
+        prefix = os.path.join(out_dir, name)
+        speed = evaluate.generate(ctx.data["gold"], checkpoint, split, prefix, beam=beam, batch_size=64,
+                                  user_dir=USER_DIR, device_args=ctx.device_args, env=ctx.env, max_len=max_len,
+                                  src_lengths=data.source_lengths(ctx.work, split))
+        score = evaluate.bleu(prefix + ".hyp", os.path.join(ctx.args.text_dir, f"{data.SPLITS[split]}.{data.TGT}"))
+        result[key] = score["bleu"]
+        result["sacrebleu_signature"] = score["signature"]
+        result.setdefault("length", {})[name] = dict(len_ratio=score["len_ratio"],
+                                                     at_limit_share=speed["at_limit_share"],
+                                                     mean_out_tokens=speed["mean_out_tokens"])
+        result.setdefault("eval_sents_per_sec_shared_machine", {})[name] = speed["sents_per_sec"]
+    return result
 
 
 SPEED_SETTINGS = {  # name -> (beam, batch size)
@@ -286,16 +326,26 @@ def main(argv=None) -> int:
         jobs.add(f"corpus:{corpus}", build)
     # the longest runs first, so that the lanes end together
     order = sorted(((m, s) for m in ctx.seeds for s in ctx.seeds[m]), key=lambda ms: -methods.ALL[ms[0]]["cost"])
+    starts = set()
+    if "start_from" in ctx.tier:  # the students this tier continues, trained (or found) first
+        start_ctx, start_method = ctx.start_context(), ctx.tier["start_from"].split(":")[1]
+        for s in sorted({s for m in ctx.seeds for s in ctx.seeds[m]}):
+            jobs.add(f"start:{s}", lambda s=s: train_and_evaluate(start_ctx, start_method, s))
+            starts.add(s)
     for m, s in order:
         corpus = methods.ALL[m]["data"]
-        jobs.add(f"run:{m}:{s}", lambda m=m, s=s: train_and_evaluate(ctx, m, s),
-                 deps=[f"corpus:{corpus}"] if corpus != "gold" else [])
+        deps = [f"corpus:{corpus}"] if corpus != "gold" else []
+        deps += [f"start:{s}"] if s in starts else []
+        jobs.add(f"run:{m}:{s}", lambda m=m, s=s: train_and_evaluate(ctx, m, s), deps=deps)
     failed = jobs.run()
     t_train = time.time()
 
     timing = Scheduler(1)  # one at a time: decoding speed is measured with nothing else running
-    timing.add("speed:teacher", lambda: time_decoding(ctx, "teacher", ctx.teacher, "teacher"))
-    for m in (m for m in ctx.seeds if m in methods.METHODS):  # ablations decode as fast as their method
+    if "start_from" not in ctx.tier and not args.skip_speed:
+        timing.add("speed:teacher", lambda: time_decoding(ctx, "teacher", ctx.teacher, "teacher"))
+    # ablations decode as fast as their method; the competent tier's students are the quick tier's architecture
+    timed = [] if "start_from" in ctx.tier or args.skip_speed else [m for m in ctx.seeds if m in methods.METHODS]
+    for m in timed:
         seed = min(ctx.seeds[m])
         best = os.path.join(ctx.run_dir(m, seed), "checkpoint_best.pt")
         if os.path.exists(os.path.join(ctx.run_dir(m, seed), "result.json")):

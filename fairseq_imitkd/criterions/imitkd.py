@@ -11,20 +11,23 @@ from dataclasses import dataclass, field
 
 import torch
 from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
 from ..losses import hard_cross_entropy, soft_cross_entropy
 from ..rollout import rollout
+from ..schedules import CLOCKS, AgreementClock, check_schedule, shape
+from ..schedules import SCHEDULES as SCHEDULE_NAMES
 from ..schedules import beta as beta_at
-from ..schedules import check_schedule
 from ..scoring import scored_log_probs
 from .kd_criterion import KDCriterion, check_range, summed
 
 TARGETS = ChoiceEnum(["argmax", "full"])
 MIXES = ChoiceEnum(["sequence", "token"])
-SCHEDULES = ChoiceEnum(["exponential", "linear", "reverse_sigmoid", "constant"])
+SCHEDULES = ChoiceEnum(list(SCHEDULE_NAMES))
+CLOCK_CHOICES = ChoiceEnum(list(CLOCKS))
 SAMPLINGS = ChoiceEnum(["greedy", "topk"])
 
 
@@ -52,6 +55,32 @@ class ImitKDConfig(FairseqDataclass):
     imitkd_beta: float = field(default=0.0, metadata={"help": "β of the constant schedule, in [0, 1]"})
     imitkd_beta_updates: int = field(
         default=0, metadata={"help": "horizon N of the β schedule in updates; 0 means --max-update"}
+    )
+    imitkd_beta_warmup_updates: int = field(
+        default=0, metadata={"help": "β = 1 (data prefixes only) for the first H updates; the schedule then runs "
+                             "over the rest of the horizon (updates clock) or starts from the student's "
+                             "competence (agreement clock)"}
+    )
+    imitkd_beta_clock: CLOCK_CHOICES = field(
+        default="updates", metadata={"help": "what drives the schedule: updates (t/N, the paper) or agreement "
+                                     "(the student's running argmax agreement with the teacher, between "
+                                     "--imitkd-agree-low and --imitkd-agree-high; needs no horizon)"}
+    )
+    imitkd_agree_low: float = field(
+        default=0.45, metadata={"help": "agreement clock: at or below this running agreement the schedule is at its "
+                               "start (β = 1)"}
+    )
+    imitkd_agree_high: float = field(
+        default=0.6, metadata={"help": "agreement clock: at or above this running agreement the schedule is at its "
+                               "end"}
+    )
+    imitkd_agree_momentum: float = field(
+        default=0.95, metadata={"help": "agreement clock: momentum of the moving average of per-update agreement, "
+                                "in [0, 1)"}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "label smoothing ε of the one-hot targets (gold and teacher argmax, "
+                               "--imitkd-target argmax); the teacher's full distribution is never smoothed"}
     )
     imitkd_sampling: SAMPLINGS = field(
         default="topk", metadata={"help": "how the student rolls out: greedy, or top-k sampling (paper's base "
@@ -82,8 +111,9 @@ class ImitKDCriterion(KDCriterion):
 
     def __init__(
         self, task, imitkd_target, imitkd_mix, imitkd_beta_schedule, imitkd_beta_base, imitkd_beta,
-        imitkd_beta_updates, imitkd_sampling, imitkd_topk, imitkd_temperature, imitkd_teacher_sample,
-        imitkd_max_len_a, imitkd_max_len_b, sentence_avg, max_update,
+        imitkd_beta_updates, imitkd_beta_warmup_updates, imitkd_beta_clock, imitkd_agree_low, imitkd_agree_high,
+        imitkd_agree_momentum, label_smoothing, imitkd_sampling, imitkd_topk, imitkd_temperature,
+        imitkd_teacher_sample, imitkd_max_len_a, imitkd_max_len_b, sentence_avg, max_update,
     ):
         super().__init__(task)
         self.target = str(imitkd_target)
@@ -96,11 +126,27 @@ class ImitKDCriterion(KDCriterion):
         check_range("imitkd-temperature", imitkd_temperature, 0.0, float("inf"), low_open=True, high_open=True)
         check_range("imitkd-topk", imitkd_topk, 0, float("inf"), high_open=True)
         check_range("imitkd-max-len-a", imitkd_max_len_a, 0.0, float("inf"), high_open=True)
+        check_range("label-smoothing", label_smoothing, 0.0, 1.0, high_open=True)
         if imitkd_beta_updates < 0:
             raise ValueError(f"--imitkd-beta-updates must be >= 0, got {imitkd_beta_updates}")
+        if imitkd_beta_warmup_updates < 0:
+            raise ValueError(f"--imitkd-beta-warmup-updates must be >= 0, got {imitkd_beta_warmup_updates}")
         if self.schedule in ("exponential", "reverse_sigmoid"):
             check_range("imitkd-beta-base", imitkd_beta_base, 1.0, float("inf"), low_open=True, high_open=True)
-        check_schedule(self.schedule, self.horizon, self.base, self.constant)
+        self.warmup = imitkd_beta_warmup_updates
+        self.clock = None
+        if str(imitkd_beta_clock) == "agreement":
+            check_range("imitkd-agree-low", imitkd_agree_low, 0.0, 1.0, high_open=True)
+            check_range("imitkd-agree-high", imitkd_agree_high, 0.0, 1.0, low_open=True)
+            check_range("imitkd-agree-momentum", imitkd_agree_momentum, 0.0, 1.0, high_open=True)
+            if not imitkd_agree_low < imitkd_agree_high:
+                raise ValueError(f"--imitkd-agree-low ({imitkd_agree_low}) must be below --imitkd-agree-high "
+                                 f"({imitkd_agree_high})")
+            self.clock = AgreementClock(imitkd_agree_low, imitkd_agree_high, imitkd_agree_momentum)
+            check_schedule(self.schedule, 1, self.base, self.constant)  # progress replaces t/N: no horizon
+        else:
+            check_schedule(self.schedule, self.horizon, self.base, self.constant, self.warmup)
+        self.eps = label_smoothing
         self.rollout_args = dict(
             max_len_a=imitkd_max_len_a, max_len_b=imitkd_max_len_b, sampling=str(imitkd_sampling),
             topk=imitkd_topk, temperature=imitkd_temperature,
@@ -109,7 +155,24 @@ class ImitKDCriterion(KDCriterion):
         self.sentence_avg = sentence_avg
 
     def current_beta(self) -> float:
-        return beta_at(self.schedule, self.update_num, self.horizon, self.base, self.constant)
+        if self.clock is None:
+            return beta_at(self.schedule, self.update_num, self.horizon, self.base, self.constant, self.warmup)
+        if self.update_num < self.warmup:
+            return 1.0
+        return shape(self.schedule, self.clock.progress, self.base, self.constant)
+
+    # The agreement clock's state: the task feeds it the all-reduced sums of every training update and
+    # checkpoints it (DistillationTask.state_dict), so that every worker and a resumed run see the same β.
+    def observe_update(self, logging_outputs) -> None:
+        if self.clock is not None:
+            self.clock.observe(summed(logging_outputs, "train_agree"), summed(logging_outputs, "train_scored"))
+
+    def schedule_state(self):
+        return None if self.clock is None else self.clock.state_dict()
+
+    def load_schedule_state(self, state) -> None:
+        if self.clock is not None and state is not None:
+            self.clock.load_state_dict(state)
 
     def forward(self, model, sample, reduce=True):
         teacher = self.teacher_for(model)
@@ -137,16 +200,19 @@ class ImitKDCriterion(KDCriterion):
         student = scored_log_probs(model, src_tokens, src_lengths, prev, mask)
         if self.target == "full":
             loss = soft_cross_entropy(student, teacher_lprobs).sum()
+        elif self.eps > 0.0:
+            loss, _ = label_smoothed_nll_loss(student.float(), target, self.eps, reduce=True)
         else:
             loss = hard_cross_entropy(student, target).sum()
 
         n_scored = int(mask.sum())
+        n_agree = (student.argmax(-1) == teacher_argmax).sum().data
         nsentences = src_tokens.size(0)
         sample_size = nsentences if self.sentence_avg else n_scored
         logging_output = {
             "loss": loss.data,
             "kd_loss": loss.data,
-            "n_agree": (student.argmax(-1) == teacher_argmax).sum().data,
+            "n_agree": n_agree,
             "n_scored": n_scored,
             "ntokens": sample["ntokens"],
             "nsentences": nsentences,
@@ -154,6 +220,10 @@ class ImitKDCriterion(KDCriterion):
             "beta_x_sents": beta * nsentences,
             **stats,
         }
+        if model.training:  # what the agreement clock reads (validation must not move it)
+            logging_output.update(train_agree=n_agree, train_scored=n_scored)
+            if self.clock is not None:
+                logging_output["progress_x_sents"] = self.clock.progress * nsentences
         return loss, sample_size, logging_output
 
     def _sequence_mixed(self, model, sample, beta):
@@ -210,6 +280,8 @@ class ImitKDCriterion(KDCriterion):
         nsentences = total("nsentences")
         if nsentences > 0 and any("beta_x_sents" in log for log in logging_outputs):
             metrics.log_scalar("beta", total("beta_x_sents") / nsentences, nsentences, round=4)
+        if nsentences > 0 and any("progress_x_sents" in log for log in logging_outputs):
+            metrics.log_scalar("beta_progress", total("progress_x_sents") / nsentences, nsentences, round=4)
         if any("n_on_policy" in log for log in logging_outputs):  # sequence mixing: fraction of rows
             metrics.log_scalar("on_policy", total("n_on_policy") / max(nsentences, 1), nsentences, round=3)
             n_rolled = total("n_on_policy")

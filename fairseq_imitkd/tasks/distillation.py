@@ -5,8 +5,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from fairseq import checkpoint_utils
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from omegaconf import II
 
 from ..teacher import (
     Teacher,
@@ -38,6 +40,12 @@ class DistillationConfig(TranslationConfig):
     )
     teacher_fp16: bool = field(default=False, metadata={"help": "hold the teacher in float16"})
     teacher_bf16: bool = field(default=False, metadata={"help": "hold the teacher in bfloat16"})
+    # where fairseq-train resumes from: the task restores its own state from there (see _resume_state)
+    save_dir: str = II("checkpoint.save_dir")
+    restore_file: str = II("checkpoint.restore_file")
+    checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
+
+SCHEDULE_STATE = "kd_schedule"
 
 
 @register_task("distillation", dataclass=DistillationConfig)
@@ -57,6 +65,9 @@ class DistillationTask(TranslationTask):
         if cfg.teacher_fp16 and cfg.teacher_bf16:
             raise ValueError("--teacher-fp16 and --teacher-bf16 are exclusive")
         self._teacher: Optional[Teacher] = None
+        self._criterion = None
+        self._pending_schedule_state = None
+        self._resume_checked = False
 
     @property
     def teacher_dtype(self) -> torch.dtype:
@@ -84,7 +95,55 @@ class DistillationTask(TranslationTask):
         criterion = super().build_criterion(cfg, from_checkpoint)
         if getattr(criterion, "needs_teacher", False):
             self.check_teacher_files()
+        self._criterion = criterion
+        if self._pending_schedule_state is not None and hasattr(criterion, "load_schedule_state"):
+            criterion.load_schedule_state(self._pending_schedule_state)
+            self._resume_checked = True
         return criterion
+
+    # Schedule state (ImitKD's agreement clock) lives in the checkpoint's task_state. This fairseq build's
+    # trainer saves task.state_dict() but never loads it back when training resumes, so the task reads
+    # it itself from the checkpoint that fairseq resumed from, at the first training step.
+    def state_dict(self):
+        state = dict(super().state_dict())
+        schedule = getattr(self._criterion, "schedule_state", lambda: None)()
+        if schedule is not None:
+            state[SCHEDULE_STATE] = schedule
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        schedule = state_dict.pop(SCHEDULE_STATE, None)
+        super().load_state_dict(state_dict)
+        if schedule is not None:
+            self._pending_schedule_state = schedule
+            if self._criterion is not None and hasattr(self._criterion, "load_schedule_state"):
+                self._criterion.load_schedule_state(schedule)
+                self._resume_checked = True
+
+    def _resume_path(self) -> str:
+        """The checkpoint fairseq-train resumes from (its own rule in checkpoint_utils.load_checkpoint)."""
+        suffix = self.cfg.checkpoint_suffix or ""
+        if self.cfg.restore_file == "checkpoint_last.pt":
+            return os.path.join(self.cfg.save_dir, f"checkpoint_last{suffix}.pt")
+        return self.cfg.restore_file.replace(".pt", suffix + ".pt") if suffix else self.cfg.restore_file
+
+    def _resume_state(self, criterion, update_num: int) -> None:
+        self._resume_checked = True
+        if update_num == 0 or criterion.schedule_state() is None:
+            return  # a fresh run (or one whose optimizer was reset): the schedule starts fresh too
+        path = self._resume_path()
+        state = checkpoint_utils.load_checkpoint_to_cpu(path) if os.path.isfile(path) else {}
+        saved_updates = state.get("optimizer_history", [{}])[-1].get("num_updates")
+        schedule = state.get("task_state", {}).get(SCHEDULE_STATE)
+        if schedule is None or saved_updates != update_num:
+            logger.warning(
+                "resuming at update %d but %s holds no schedule state for that update: the agreement clock "
+                "starts afresh", update_num, path,
+            )
+            return
+        criterion.load_schedule_state(schedule)
+        logger.info("restored the β schedule state from %s: %s", path, schedule)
 
     def teacher(self, device: torch.device) -> Teacher:
         """The frozen teacher on ``device``, loaded on first use."""
@@ -106,4 +165,12 @@ class DistillationTask(TranslationTask):
         # It is restored from the checkpoint on resume, so a schedule continues exactly.
         if hasattr(criterion, "set_update_num"):
             criterion.set_update_num(update_num)
+        if not self._resume_checked and hasattr(criterion, "schedule_state"):
+            self._resume_state(criterion, update_num)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        # once per update, with the sums of every worker: the agreement clock moves the same everywhere
+        if hasattr(criterion, "observe_update"):
+            criterion.observe_update(logging_outputs)
