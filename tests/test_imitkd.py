@@ -211,3 +211,24 @@ def test_fully_on_policy_rollouts_shorter_than_gold(toy_data, teacher):
     assert log["n_on_policy"] == sample["nsentences"]
     assert sample_size == log["rollout_tokens"] <= 3 * sample["nsentences"]
     assert torch.isfinite(loss)
+
+
+def test_token_mixing_teacher_stays_frozen(toy_data, teacher):
+    """Teacher.inference flags the teacher's weights for the fast decoding path only while it decodes:
+    after a token-mixing update the teacher requires no grad again and holds none."""
+    task, model, criterion = build_training_objects(
+        toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion", "imitkd", *STUDENT,
+        "--max-update", "10", "--imitkd-mix", "token", "--imitkd-target", "full",
+        "--imitkd-beta-schedule", "constant", "--imitkd-beta", "0.5",
+    )
+    sample = first_batch(task, "train")
+    model.train()
+    loss, _, log = criterion(model, sample)
+    loss.backward()
+    t = task.teacher(torch.device("cpu"))
+    assert log["n_on_policy_tokens"] > 0
+    assert all(not p.requires_grad and p.grad is None for m in t.models for p in m.parameters())
+    with t.inference() as models:
+        assert all(p.requires_grad for m in models for p in m.parameters())
+        assert not torch.is_grad_enabled()
+    assert all(not p.requires_grad for m in t.models for p in m.parameters())

@@ -420,11 +420,6 @@ def build(args) -> dict:
             # as fairseq-generate (beamable encoder attention, no attention weights kept); the model can no
             # longer train, which this process never asks of it
             model.prepare_for_inference_(argparse.Namespace(generation=gen_cfg))
-            # The Teacher is frozen, but torch (2.13, CPU) then computes linear() on the decoder's transposed,
-            # non-contiguous features as a broadcast bmm instead of one folded mm: the output projection
-            # gets 2-3.5x slower and the whole beam search ~1.4x. Generation runs under no_grad and nothing
-            # here optimizes, so weights that "require" grad cost nothing and restore the fast path.
-            model.requires_grad_(True)
         generator = task.build_generator(models, gen_cfg)
         scorer = None
         if args.select == "sentence-bleu":
@@ -445,11 +440,12 @@ def build(args) -> dict:
             lo, hi = shard_range(n, args.num_shards, i)
             logger.info("decoding shard %d/%d: sentences [%d, %d) of %s on %s",
                         i, args.num_shards, lo, hi, args.split, device_name(use_cuda))
-            targets, stats = decode_shard(
-                task, generator, models, dataset, lo, hi, nbest=args.nbest, scorer=scorer,
-                max_tokens=args.max_tokens, batch_size=args.batch_size, max_positions=max_positions,
-                use_cuda=use_cuda, log_format="simple" if args.no_progress_bar else "tqdm",
-                log_interval=args.log_interval, name=f"shard {i}/{args.num_shards}")
+            with teacher.inference():  # the frozen teacher's fast path (Teacher.inference)
+                targets, stats = decode_shard(
+                    task, generator, models, dataset, lo, hi, nbest=args.nbest, scorer=scorer,
+                    max_tokens=args.max_tokens, batch_size=args.batch_size, max_positions=max_positions,
+                    use_cuda=use_cuda, log_format="simple" if args.no_progress_bar else "tqdm",
+                    log_interval=args.log_interval, name=f"shard {i}/{args.num_shards}")
             write_indexed(shards.prefix(i), targets, len(task.target_dictionary))
             write_json(shards.marker(i), dict(stats, shard=i, num_shards=args.num_shards, lo=lo, hi=hi,
                                               device=device_name(use_cuda), finished=time.time()))

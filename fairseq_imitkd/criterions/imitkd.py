@@ -258,11 +258,12 @@ class ImitKDCriterion(KDCriterion):
 
     def _token_mixed(self, model, teacher, sample, beta):
         """Teacher and student decode side by side; the teacher acts with probability β at each step."""
-        ro = rollout(
-            model, sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"],
-            teacher_models=teacher.models, teacher_prob=beta, teacher_sample=self.teacher_sample,
-            keep_teacher_lprobs=self.target == "full", **self.rollout_args,
-        )
+        with teacher.inference() as teacher_models:
+            ro = rollout(
+                model, sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"],
+                teacher_models=teacher_models, teacher_prob=beta, teacher_sample=self.teacher_sample,
+                keep_teacher_lprobs=self.target == "full", **self.rollout_args,
+            )
         mask = ro.tokens.ne(self.padding_idx)
         target = ro.teacher_argmax.masked_fill(~mask, self.padding_idx)
         n_tokens = int(ro.lengths.sum())
