@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from fairseq_imitkd.schedules import SCHEDULES, beta, check_schedule
+from fairseq_imitkd.schedules import CLOCKS, SCHEDULES, AgreementClock, beta, check_schedule, shape
 
 N = 1000
 
@@ -107,3 +107,90 @@ def test_negative_update_rejected():
 def test_check_schedule_accepts_valid_configs():
     check_schedule("exponential", N, base=2.0)
     check_schedule("constant", 0, constant=1.0)
+
+
+# --- warm-up -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["exponential", "linear", "reverse_sigmoid"])
+def test_warmup_holds_beta_at_one_then_runs_the_schedule_over_the_rest(schedule):
+    H = 400  # of N = 1000: the schedule then runs over 600 updates
+    for t in (0, 1, 200, H - 1):
+        assert beta(schedule, t, N, base=200.0, warmup=H) == 1.0
+    for t in (H, 550, 700, 850, N):
+        x = (t - H) / (N - H)
+        assert beta(schedule, t, N, base=200.0, warmup=H) == pytest.approx(shape(schedule, x, base=200.0), abs=1e-12)
+    assert beta("exponential", 700, N, base=200.0, warmup=H) == pytest.approx(200 ** -0.5, rel=1e-12)
+    assert beta("linear", 550, N, warmup=H) == pytest.approx(0.75, rel=1e-12)
+    assert beta(schedule, 5 * N, N, base=200.0, warmup=H) == beta(schedule, N, N, base=200.0, warmup=H)
+
+
+def test_no_warmup_is_the_paper():
+    for t in range(0, N + 1, 125):
+        assert beta("exponential", t, N, warmup=0) == 200 ** (-t / N)
+
+
+def test_constant_with_warmup():
+    assert beta("constant", 3, N, constant=0.2, warmup=5) == 1.0
+    assert beta("constant", 5, N, constant=0.2, warmup=5) == 0.2
+
+
+@pytest.mark.parametrize("warmup", [N, N + 1])
+def test_warmup_must_end_before_the_horizon(warmup):
+    with pytest.raises(ValueError, match="warmup-updates"):
+        beta("linear", 0, N, warmup=warmup)
+
+
+def test_negative_warmup_rejected():
+    with pytest.raises(ValueError, match="warmup-updates"):
+        check_schedule("linear", N, warmup=-1)
+
+
+def test_shape_is_the_paper_curve_at_t_over_n():
+    for t in range(0, N + 1, 100):
+        for schedule in ("exponential", "linear", "reverse_sigmoid"):
+            assert shape(schedule, t / N, base=200.0) == beta(schedule, t, N, base=200.0)
+    assert shape("linear", -0.5) == 1.0 and shape("linear", 1.5) == 0.0
+
+
+# --- the agreement clock ------------------------------------------------------------------------
+
+def test_clock_names():
+    assert CLOCKS == ("updates", "agreement")
+
+
+def test_agreement_clock_on_a_scripted_signal():
+    clock = AgreementClock(low=0.4, high=0.6, momentum=0.5)
+    assert clock.progress == 0.0 and clock.ema is None
+    clock.observe(30, 100)  # first update sets the average: 0.3, below low
+    assert clock.ema == pytest.approx(0.3) and clock.progress == 0.0
+    clock.observe(70, 100)  # ema = 0.5*0.3 + 0.5*0.7 = 0.5 -> progress (0.5-0.4)/0.2 = 0.5
+    assert clock.ema == pytest.approx(0.5) and clock.progress == pytest.approx(0.5)
+    clock.observe(20, 100)  # ema = 0.35: below low, but the ratchet keeps progress at 0.5
+    assert clock.ema == pytest.approx(0.35) and clock.progress == pytest.approx(0.5)
+    clock.observe(0, 0)  # an update that scored nothing changes nothing
+    assert clock.ema == pytest.approx(0.35) and clock.observations == 3
+    for _ in range(10):
+        clock.observe(95, 100)  # ema -> 0.95, past high: progress saturates at 1
+    assert clock.progress == 1.0
+    assert shape("exponential", clock.progress, base=200.0) == pytest.approx(1 / 200)
+    assert shape("linear", clock.progress) == 0.0
+
+
+def test_agreement_clock_state_round_trip_continues_exactly():
+    a = AgreementClock(0.3, 0.6, 0.9)
+    signal = [(12, 40), (20, 40), (25, 40), (31, 50), (3, 10)]
+    for n, d in signal[:3]:
+        a.observe(n, d)
+    b = AgreementClock(0.3, 0.6, 0.9)
+    b.load_state_dict(a.state_dict())
+    for n, d in signal[3:]:
+        a.observe(n, d)
+        b.observe(n, d)
+        assert (a.ema, a.progress, a.observations) == (b.ema, b.progress, b.observations)
+
+
+@pytest.mark.parametrize("low,high,momentum", [(0.6, 0.6, 0.9), (0.7, 0.2, 0.9), (-0.1, 0.5, 0.9),
+                                               (0.1, 1.5, 0.9), (0.1, 0.5, 1.0), (0.1, 0.5, -0.1)])
+def test_agreement_clock_bad_settings(low, high, momentum):
+    with pytest.raises(ValueError, match="agreement clock"):
+        AgreementClock(low, high, momentum)
