@@ -6,7 +6,9 @@ than gold batches: one rambling row sets the width of the whole batch. So the de
 ``features_only`` mode and only the ``N`` positions that are scored are projected and normalised.
 """
 import contextlib
+from typing import List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 try:  # torch >= 2.3
@@ -46,3 +48,26 @@ def scored_log_probs(model, src_tokens: Tensor, src_lengths: Tensor, prev_output
         features, extra = decoder(prev_output_tokens, encoder_out=encoder_out, features_only=True)
     logits = decoder.output_layer(features[mask])
     return model.get_normalized_probs((logits, extra), log_probs=True)
+
+
+def length_groups(lengths: Tensor, min_saving: float = 0.1) -> List[Tuple[Optional[Tensor], int]]:
+    """Split a batch's rows in two by length when that saves at least ``min_saving`` of its padded cells.
+
+    Returns ``[(rows, width), ...]``: the row indices of each group (``None``: the whole batch, in
+    order) and the width it needs. Rollouts pad worse than gold batches (a few rows run to the length
+    cap), and every decoder layer of the teacher and the student costs per padded cell, while the
+    loss, a sum over scored positions, does not depend on how rows are grouped. The split point is
+    the one of the sorted lengths that minimises the two groups' cells.
+    """
+    bsz = lengths.numel()
+    width = int(lengths.max()) if bsz else 0
+    if bsz < 2:
+        return [(None, width)]
+    sorted_len, order = torch.sort(lengths, stable=True)
+    k = torch.arange(1, bsz, device=lengths.device)
+    cells = k * sorted_len[:-1] + (bsz - k) * width  # rows [0, k) padded to sorted_len[k-1], the rest to width
+    best = int(cells.argmin())
+    if float(cells[best]) > (1.0 - min_saving) * bsz * width:
+        return [(None, width)]
+    split = best + 1
+    return [(order[:split], int(sorted_len[split - 1])), (order[split:], width)]

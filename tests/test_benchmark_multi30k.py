@@ -94,20 +94,67 @@ def test_bad_options_are_refused_with_their_name(capsys):
     assert "--seeds must be comma-separated integers" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["results.json"])
+@pytest.mark.parametrize("name", ["results.json", "results_competent.json"])
 def test_committed_results_have_what_the_readme_table_reads(name):
     path = os.path.join(BENCH, name)
     if not os.path.exists(path):
         pytest.skip(f"{name} not committed yet")
     with open(path, encoding="utf-8") as f:
         res = json.load(f)
-    assert res["teacher_bleu_beam5"] > 0 and res["teacher_sents_per_sec"] > 0
-    assert set(res["methods"]) == set(methods.METHODS)
-    for m, r in res["methods"].items():
-        for key in ("bleu_greedy", "bleu_beam5", "sec_per_update", "student_sents_per_sec"):
+    assert res["methods"] and set(res["methods"]) <= set(methods.METHODS)
+    assert set(res["ablations"]) <= set(methods.ABLATIONS)
+    if res["tier"] == "quick" and res["teacher_sents_per_sec"] is not None:
+        assert res["teacher_bleu_beam5"] > 0 and res["teacher_sents_per_sec"] > 0
+    for m, r in {**res["methods"], **res["ablations"]}.items():
+        for key in ("bleu_greedy", "bleu_beam5", "bleu_greedy_nolimit", "sec_per_update"):
             assert isinstance(r[key], (int, float)), (m, key)
-    for m in methods.MAIN_METHODS:
-        assert len(res["methods"][m]["seeds"]) >= 2
+        assert 0.0 <= r["at_limit_share_nolimit"] <= 1.0 and r["len_ratio_nolimit"] > 0, m
+        assert len(r["seeds"]) >= 1 and set(r["seeds"]) <= set(r["seeds_planned"]), m
+    for b in res["paired_bootstrap"]:
+        assert b["baseline"] in res["methods"] and b["system"] in {**res["methods"], **res["ablations"]}
+        assert 0.0 <= b["p_value"] <= 1.0
+
+
+def test_competent_tier_continues_the_quick_scratch_student(tmp_path):
+    args = run.parse_args(["--tier", "competent", "--workdir", str(tmp_path)])
+    assert args.methods.split(",") == list(methods.COMPETENT_METHODS)
+    ctx = run.Context(args)
+    assert ctx.start_checkpoint(2) == os.path.join(str(tmp_path), "quick", "runs", "scratch_s2", "checkpoint_last.pt")
+    assert run.parse_args(["--workdir", str(tmp_path)]).methods.split(",") == list(methods.METHODS)
+    # a smoke run continues a smoke run, not the real quick tier
+    smoke = run.Context(run.parse_args(["--tier", "competent", "--workdir", str(tmp_path), "--max-update", "7"]))
+    assert "quick_u7" in smoke.start_checkpoint(1)
+
+
+def test_fair_settings_are_shared():
+    teacher = ["--teacher-path", "t.pt"]
+    common = methods.common_args(methods.TIERS["quick"], 1)
+    assert common[common.index("--clip-norm") + 1] == str(methods.CLIP_NORM)
+    for m in methods.ALL:
+        args = methods.method_args(m, teacher)
+        one_hot = "--criterion" in args and (args[args.index("--criterion") + 1] != "imitkd"
+                                             or args[args.index("--imitkd-target") + 1] == "argmax")
+        # label smoothing 0.1 on every one-hot target, none on teacher distributions
+        assert ("--label-smoothing" in args) == one_hot, m
+        if one_hot:
+            assert args[args.index("--label-smoothing") + 1] == "0.1"
+    star = methods.method_args("imitkd_star", teacher)
+    assert star[star.index("--imitkd-beta-base") + 1] == "2"
+    warm = methods.method_args("imitkd_full_warmup", teacher, methods.TIERS["competent"])
+    assert warm[warm.index("--imitkd-beta-warmup-updates") + 1] == "200"
+
+
+def test_output_lengths_and_the_share_at_the_limit():
+    import evaluate
+
+    lines = ["S-0\tein Hund\n", "H-0\t-0.1\ta dog\n", "P-0\t-0.1 -0.2 -0.3\n",
+             "P-1\t" + " ".join(["-0.5"] * 13) + "\n", "P-2\t-0.4\n"]
+    lengths = evaluate.output_lengths(lines)
+    assert lengths == {0: 2, 1: 12, 2: 0}  # EOS is not counted
+    # limits int(1.2*src + 10) with src 1, 2, 3 -> 11, 12, 13: only sentence 1 stops at its limit
+    stats = evaluate.length_stats(lengths, [1, 2, 3], (1.2, 10))
+    assert stats == {"at_limit_share": round(1 / 3, 4), "mean_out_tokens": round(14 / 3, 2)}
+    assert evaluate.length_stats(lengths, [1, 2, 3], evaluate.DEFAULT_MAX_LEN)["at_limit_share"] == 0.0
 
 
 def test_report_keeps_methods_whose_names_share_a_prefix_apart(tmp_path):

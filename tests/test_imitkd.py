@@ -232,3 +232,32 @@ def test_token_mixing_teacher_stays_frozen(toy_data, teacher):
         assert all(p.requires_grad for m in models for p in m.parameters())
         assert not torch.is_grad_enabled()
     assert all(not p.requires_grad for m in t.models for p in m.parameters())
+
+
+@pytest.mark.parametrize("mix,target", [("sequence", "argmax"), ("sequence", "full"), ("token", "full")])
+def test_length_grouped_passes_give_the_same_loss(toy_data, teacher, monkeypatch, mix, target):
+    """Teacher and student run per length group; the loss is the same sum over the same positions as
+    one pass over the whole padded batch (dropout off, so both passes are deterministic)."""
+    task, model, criterion = build_training_objects(
+        toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion", "imitkd", *STUDENT,
+        "--dropout", "0", "--max-update", "10", "--imitkd-beta-schedule", "constant", "--imitkd-beta", "0.3",
+        "--imitkd-mix", mix, "--imitkd-target", target, "--imitkd-max-len-a", "1.5", "--imitkd-max-len-b", "4",
+    )
+    sample = first_batch(task, "train")
+    model.train()
+    results, n_groups = {}, []
+    real = imitkd_module.length_groups
+
+    def counted(lengths):
+        out = real(lengths, min_saving=0.0)  # split whenever it saves anything: the toy batch is short
+        n_groups.append(len(out))
+        return out
+
+    for name, groups in (("grouped", counted), ("whole", lambda lengths: [(None, int(lengths.max()))])):
+        monkeypatch.setattr(imitkd_module, "length_groups", groups)
+        torch.manual_seed(7)
+        loss, size, log = criterion(model, sample)
+        results[name] = (loss.item(), size, int(log["n_agree"]))
+    assert n_groups == [2], "the test batch should be split in two"
+    assert results["grouped"][1:] == results["whole"][1:]
+    assert results["grouped"][0] == pytest.approx(results["whole"][0], rel=1e-5)

@@ -87,3 +87,17 @@ def test_agreement_counts_equal_argmaxes():
     flipped = t.clone()
     flipped[0] = t[0].flip(-1)  # reversing a row with a unique max moves the argmax
     assert agreement(flipped, t).item() == 6
+
+
+def test_length_groups_split_where_it_saves_cells():
+    from fairseq_imitkd.scoring import length_groups
+
+    lengths = torch.tensor([3, 30, 4, 2, 29, 3])
+    groups = length_groups(lengths)
+    assert [w for _, w in groups] == [4, 30]
+    assert sorted(groups[0][0].tolist()) == [0, 2, 3, 5] and sorted(groups[1][0].tolist()) == [1, 4]
+    # 4*4 + 2*30 = 76 cells instead of 6*30 = 180; every row in exactly one group
+    assert sorted(torch.cat([g for g, _ in groups]).tolist()) == list(range(6))
+    # lengths that are nearly equal are not worth a second pass
+    assert length_groups(torch.tensor([10, 11, 12, 12])) == [(None, 12)]
+    assert length_groups(torch.tensor([5])) == [(None, 5)]

@@ -21,7 +21,7 @@ from ..rollout import rollout
 from ..schedules import CLOCKS, AgreementClock, check_schedule, shape
 from ..schedules import SCHEDULES as SCHEDULE_NAMES
 from ..schedules import beta as beta_at
-from ..scoring import scored_log_probs
+from ..scoring import length_groups, scored_log_probs
 from .kd_criterion import KDCriterion, check_range, summed
 
 TARGETS = ChoiceEnum(["argmax", "full"])
@@ -179,25 +179,39 @@ class ImitKDCriterion(KDCriterion):
         net_input = sample["net_input"]
         src_tokens, src_lengths = net_input["src_tokens"], net_input["src_lengths"]
         beta = self.current_beta() if model.training else 1.0
-        if model.training and self.mix == "token":
+        token_mixed = model.training and self.mix == "token"
+        if token_mixed:
             # the rollout already holds the teacher's distributions: no second teacher pass
-            prev, target, teacher_lprobs, teacher_argmax, stats = self._token_mixed(model, teacher, sample, beta)
-            mask = target.ne(self.padding_idx)
-            target = teacher_argmax = teacher_argmax[mask]
-            if teacher_lprobs is not None:
-                teacher_lprobs = teacher_lprobs[mask]
+            prev, target, rollout_lprobs, rollout_argmax, stats = self._token_mixed(model, teacher, sample, beta)
         else:
             prev, target, on_policy, stats = self._sequence_mixed(model, sample, beta)
-            mask = target.ne(self.padding_idx)
-            teacher_lprobs = teacher.log_probs(src_tokens, src_lengths, prev, mask)
-            teacher_argmax = teacher_lprobs.argmax(-1)
-            if self.target == "argmax":  # the teacher's action on student rows, gold on data rows
-                rows = on_policy.unsqueeze(1).expand_as(mask)[mask]
-                target = torch.where(rows, teacher_argmax, target[mask])
+        full_mask = target.ne(self.padding_idx)
+        # Teacher and student passes run per length group (scoring.length_groups): the same sum over the
+        # same positions, over fewer padded cells. Positions are concatenated group by group.
+        parts = []
+        for rows, width in length_groups(full_mask.sum(1)):
+            pick = (lambda x: x[:, :width]) if rows is None else (lambda x, rows=rows: x[rows, :width])
+            src, src_len = (src_tokens, src_lengths) if rows is None else (src_tokens[rows], src_lengths[rows])
+            mask = pick(full_mask)
+            if token_mixed:
+                g_argmax = pick(rollout_argmax)[mask]
+                g_teacher = None if rollout_lprobs is None else pick(rollout_lprobs)[mask]
+                g_target = g_argmax
             else:
-                target = target[mask]
+                g_teacher = teacher.log_probs(src, src_len, pick(prev), mask)
+                g_argmax = g_teacher.argmax(-1)
+                g_target = pick(target)[mask]
+                if self.target == "argmax":  # the teacher's action on student rows, gold on data rows
+                    g_rows = (on_policy if rows is None else on_policy[rows]).unsqueeze(1).expand_as(mask)[mask]
+                    g_target = torch.where(g_rows, g_argmax, g_target)
+            g_student = scored_log_probs(model, src, src_len, pick(prev), mask)
+            parts.append((g_student, g_teacher, g_argmax, g_target))
+        student = torch.cat([p[0] for p in parts])
+        teacher_lprobs = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+        teacher_argmax = torch.cat([p[2] for p in parts])
+        target = torch.cat([p[3] for p in parts])
+        mask = full_mask
 
-        student = scored_log_probs(model, src_tokens, src_lengths, prev, mask)
         if self.target == "full":
             loss = soft_cross_entropy(student, teacher_lprobs).sum()
         elif self.eps > 0.0:
