@@ -105,7 +105,7 @@ def write(ctx, ledger: List[dict]) -> str:
         teacher_bleu_greedy=teacher.get("greedy_b64", {}).get("bleu"),
         teacher_sents_per_sec=teacher.get("beam5_b64", {}).get("sents_per_sec"),
         teacher_speed={k: v.get("sents_per_sec") for k, v in teacher.items()},
-        sacrebleu_signature=teacher.get("beam5_b64", {}).get("signature"),
+        sacrebleu_signature=teacher.get("beam5_b64", {}).get("signature") or _signature(ctx, present),
         methods=present,
         ablations=got["ablations"],
         # one architecture for every method: the median over methods is its speed, less noisy than any one run
@@ -177,6 +177,15 @@ def update_readme(path: str, res: dict, begin: str = README_BEGIN, end: str = RE
         f.write(head + begin + "\n" + readme_table(res) + "\n" + end + tail)
 
 
+def _signature(ctx, present: Dict[str, dict]) -> Optional[str]:
+    """sacreBLEU's signature from a run's result, for a tier that did not decode the teacher."""
+    for m, r in present.items():
+        path = os.path.join(ctx.run_dir(m, r["seeds"][0]), "result.json")
+        if os.path.exists(path):
+            return _read(path).get("sacrebleu_signature")
+    return None
+
+
 def _median(values: List[Optional[float]]) -> Optional[float]:
     import statistics
 
@@ -236,7 +245,12 @@ def markdown(res: dict, png: str) -> str:
         f"{s['threads_per_process']} torch thread(s) each (`OMP_NUM_THREADS={s['threads_per_process']}`).", "",
         f"Student `{s['student']}` (3+1 layers, d=128) for every method; the shared teacher is 3+3, d=256. "
         f"Budget: {tier['max_update']} updates of at most {tier['max_tokens']} tokens, Adam, lr 2e-3 "
-        f"(inverse sqrt, {tier['warmup']} warm-up), dropout 0.1. Selection: {s['selection']}.", "",
+        f"(inverse sqrt, {tier['warmup']} warm-up), dropout 0.1, gradient clipping {methods.CLIP_NORM:g}, label "
+        "smoothing 0.1 on every one-hot target (none on teacher distributions). "
+        + (f"Every run starts from the {tier['start_from'].replace(':', ' tier’s ')} student of its seed "
+           "(fairseq's `--finetune-from-model`: weights only; optimizer, schedule and data order restart). "
+           if tier.get("start_from") else "")
+        + f"Selection: {s['selection']}.", "",
         "Test BLEU: sacreBLEU on detokenized test_2016_flickr output against the raw references, "
         f"`{res['sacrebleu_signature']}`. Mean ± sample std over seeds where there are several.", "",
         "Decoding speed: test set (1,000 sentences), fairseq-generate's own timer, one model at a time, "
