@@ -148,18 +148,23 @@ README_MARKERS = {  # results suffix -> README markers of its table
 
 
 def readme_table(res: dict) -> str:
-    """The compact table README.md shows: quality, training cost and decoding speed."""
+    """The compact table README.md shows: quality, training cost and, where it was timed, decoding speed."""
     base = res["methods"].get("scratch", {}).get("sec_per_update")
-    rows = ["| method | seeds | test BLEU greedy | greedy, uncapped | test BLEU beam 5 | s/update | cost × scratch "
-            "| sents/s (greedy, b64) | × teacher beam 5 |", "|---|---|---|---|---|---|---|---|---|",
-            f"| teacher (3+3, d=256) | – | {_fmt(res['teacher_bleu_greedy'], 2)} | – | {_fmt(res['teacher_bleu_beam5'], 2)} "
-            f"| – | – | {_fmt(res['teacher_speed'].get('greedy_b64'))} (beam 5: {_fmt(res['teacher_sents_per_sec'])}) "
-            f"| {'1.0' if res['teacher_sents_per_sec'] else '–'} |"]
+    timed = res["teacher_sents_per_sec"] is not None
+    head = "| method | seeds | test BLEU greedy | greedy, uncapped | test BLEU beam 5 | s/update | cost × scratch |"
+    rows = [head + (" sents/s (greedy, b64) | × teacher beam 5 |" if timed else ""),
+            "|---|---|---|---|---|---|---|" + ("---|---|" if timed else "")]
+    if timed or res["teacher_bleu_greedy"] is not None:
+        rows.append(f"| teacher (3+3, d=256) | – | {_fmt(res['teacher_bleu_greedy'], 2)} | – "
+                    f"| {_fmt(res['teacher_bleu_beam5'], 2)} | – | – |"
+                    + (f" {_fmt(res['teacher_speed'].get('greedy_b64'))} (beam 5: {_fmt(res['teacher_sents_per_sec'])}) "
+                       "| 1.0 |" if timed else ""))
     for m, r in res["methods"].items():
         rows.append(f"| {m} | {','.join(map(str, r['seeds']))} | {_bleu_cell(r, 'bleu_greedy')} "
                     f"| {_bleu_cell(r, 'bleu_greedy_nolimit')} | {_bleu_cell(r, 'bleu_beam5')} "
-                    f"| {_fmt(r.get('sec_per_update'), 2)} | {_fmt(_ratio(r.get('sec_per_update'), base), 2)} "
-                    f"| {_fmt(r['student_sents_per_sec'])} | {_fmt(r['speedup_greedy_vs_teacher_beam5'])} |")
+                    f"| {_fmt(r.get('sec_per_update'), 2)} | {_fmt(_ratio(r.get('sec_per_update'), base), 2)} |"
+                    + (f" {_fmt(r['student_sents_per_sec'])} | {_fmt(r['speedup_greedy_vs_teacher_beam5'])} |"
+                       if timed else ""))
     return "\n".join(rows)
 
 
