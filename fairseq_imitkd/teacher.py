@@ -150,9 +150,9 @@ class Teacher:
         and its weights flagged as requiring grad for the duration.
 
         Frozen weights put torch's CPU ``linear`` on a slow path for the decoder's non-contiguous
-        per-step features (a broadcast bmm instead of one folded mm): incremental decoding of the
-        shared teacher was 2.2x slower frozen than not (benchmarks/README.md). Under no_grad the flag
-        costs nothing, and it is cleared again on exit, so the teacher never reaches an optimizer.
+        per-step features (a broadcast bmm instead of one folded mm), which makes incremental decoding
+        markedly slower (benchmarks/README.md). Under no_grad the flag costs nothing, and it is cleared
+        again on exit, so the teacher never reaches an optimizer.
         """
         with torch.no_grad():
             for m in self.models:
