@@ -41,4 +41,12 @@ def allow_fairseq_checkpoints() -> None:
     add(FAIRSEQ_CHECKPOINT_GLOBALS)
 
 
+def read_checkpoint_lazily(path: str) -> dict:
+    """A checkpoint's state with its tensors memory-mapped, not read: for its config and small entries."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True)
+    except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
+        return torch.load(path, map_location="cpu")
+
+
 allow_fairseq_checkpoints()

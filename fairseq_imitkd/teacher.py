@@ -17,6 +17,7 @@ from fairseq import checkpoint_utils, tasks, utils
 from fairseq.data import Dictionary
 from torch import Tensor
 
+from .checkpoint_loading import read_checkpoint_lazily
 from .scoring import scored_log_probs
 
 logger = logging.getLogger(__name__)
@@ -33,10 +34,7 @@ def split_teacher_paths(teacher_path: Optional[str]) -> List[str]:
 
 def read_checkpoint_config(path: str):
     """The ``(task, model)`` config sections of a checkpoint, without reading its weights into memory."""
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
-        state = torch.load(path, map_location="cpu")
+    state = read_checkpoint_lazily(path)
     cfg = state.get("cfg")
     if cfg is not None:
         return cfg["task"], cfg["model"]

@@ -210,7 +210,6 @@ class ImitKDCriterion(KDCriterion):
         teacher_lprobs = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         teacher_argmax = torch.cat([p[2] for p in parts])
         target = torch.cat([p[3] for p in parts])
-        mask = full_mask
 
         if self.target == "full":
             loss = soft_cross_entropy(student, teacher_lprobs).sum()
@@ -219,7 +218,7 @@ class ImitKDCriterion(KDCriterion):
         else:
             loss = hard_cross_entropy(student, target).sum()
 
-        n_scored = int(mask.sum())
+        n_scored = int(full_mask.sum())
         n_agree = (student.argmax(-1) == teacher_argmax).sum().data
         nsentences = src_tokens.size(0)
         sample_size = nsentences if self.sentence_avg else n_scored

@@ -5,11 +5,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from fairseq import checkpoint_utils
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
+from ..checkpoint_loading import read_checkpoint_lazily
 from ..teacher import (
     Teacher,
     TeacherError,
@@ -66,7 +66,6 @@ class DistillationTask(TranslationTask):
             raise ValueError("--teacher-fp16 and --teacher-bf16 are exclusive")
         self._teacher: Optional[Teacher] = None
         self._criterion = None
-        self._pending_schedule_state = None
         self._resume_checked = False
 
     @property
@@ -96,9 +95,6 @@ class DistillationTask(TranslationTask):
         if getattr(criterion, "needs_teacher", False):
             self.check_teacher_files()
         self._criterion = criterion
-        if self._pending_schedule_state is not None and hasattr(criterion, "load_schedule_state"):
-            criterion.load_schedule_state(self._pending_schedule_state)
-            self._resume_checked = True
         return criterion
 
     # Schedule state (ImitKD's agreement clock) lives in the checkpoint's task_state. This fairseq build's
@@ -115,11 +111,11 @@ class DistillationTask(TranslationTask):
         state_dict = dict(state_dict)
         schedule = state_dict.pop(SCHEDULE_STATE, None)
         super().load_state_dict(state_dict)
-        if schedule is not None:
-            self._pending_schedule_state = schedule
-            if self._criterion is not None and hasattr(self._criterion, "load_schedule_state"):
-                self._criterion.load_schedule_state(schedule)
-                self._resume_checked = True
+        # fairseq calls this only when it loads a model for inference (no criterion); a caller that built
+        # the criterion first gets the state handed on
+        if schedule is not None and hasattr(self._criterion, "load_schedule_state"):
+            self._criterion.load_schedule_state(schedule)
+            self._resume_checked = True
 
     def _resume_path(self) -> str:
         """The checkpoint fairseq-train resumes from (its own rule in checkpoint_utils.load_checkpoint)."""
@@ -133,7 +129,7 @@ class DistillationTask(TranslationTask):
         if update_num == 0 or criterion.schedule_state() is None:
             return  # a fresh run (or one whose optimizer was reset): the schedule starts fresh too
         path = self._resume_path()
-        state = checkpoint_utils.load_checkpoint_to_cpu(path) if os.path.isfile(path) else {}
+        state = read_checkpoint_lazily(path) if os.path.isfile(path) else {}  # the weights stay on disk
         saved_updates = state.get("optimizer_history", [{}])[-1].get("num_updates")
         schedule = state.get("task_state", {}).get(SCHEDULE_STATE)
         if schedule is None or saved_updates != update_num:
