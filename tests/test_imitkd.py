@@ -261,3 +261,12 @@ def test_length_grouped_passes_give_the_same_loss(toy_data, teacher, monkeypatch
     assert n_groups == [2], "the test batch should be split in two"
     assert results["grouped"][1:] == results["whole"][1:]
     assert results["grouped"][0] == pytest.approx(results["whole"][0], rel=1e-5)
+
+
+@pytest.mark.parametrize("flag,value", [("--imitkd-agree-low", "-0.1"), ("--imitkd-agree-high", "0"),
+                                        ("--imitkd-agree-momentum", "1.0"), ("--imitkd-agree-low", "0.7")])
+def test_bad_agreement_clock_options_are_named(toy_data, teacher, flag, value):
+    with pytest.raises(ValueError, match="--imitkd-agree-"):
+        build_training_objects(toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion",
+                               "imitkd", *STUDENT, "--max-update", "10", "--imitkd-beta-clock", "agreement",
+                               flag, value)
