@@ -174,3 +174,88 @@ def test_report_keeps_methods_whose_names_share_a_prefix_apart(tmp_path):
     assert got["imitkd"]["bleu_greedy"] == 20.0 and got["imitkd"]["seeds"] == [1]
     assert got["imitkd_star"]["bleu_greedy"] == 30.0
     assert got["scratch"]["bleu_greedy"] == 11.0 and got["scratch"]["bleu_greedy_stats"]["std"] == pytest.approx(1.41)
+
+
+def _finished_run(ctx, method, seed, bleu, hyp_lines=None):
+    d = ctx.run_dir(method, seed)
+    os.makedirs(d, exist_ok=True)
+    rec = dict(method=method, seed=seed, bleu_greedy=bleu, bleu_beam5=bleu, sec_per_update=0.5, command="x")
+    with open(os.path.join(d, "result.json"), "w") as f:
+        json.dump(rec, f)
+    if hyp_lines is not None:
+        with open(os.path.join(d, "test.beam1.hyp"), "w") as f:
+            f.write("\n".join(hyp_lines) + "\n")
+    return rec, d
+
+
+def test_archived_runs_outlive_the_work_directory_and_the_work_directory_wins(tmp_path):
+    import shutil
+
+    import report
+
+    out = tmp_path / "out"
+    ctx = run.Context(run.parse_args(["--workdir", str(tmp_path / "work"), "--out-dir", str(out)]))
+    assert ctx.archive.dir == os.path.join(str(out), "runs", "quick")
+    rec, d = _finished_run(ctx, "scratch", 1, 10.0, ["a dog runs", "a cat sits"])
+    ctx.archive.save_run(rec, d)
+    first = (out / "runs" / "quick" / "scratch_s1.test.beam1.hyp.gz").read_bytes()
+    ctx.archive.save_run(rec, d)  # the same bytes again: a rerun leaves git clean
+    assert (out / "runs" / "quick" / "scratch_s1.test.beam1.hyp.gz").read_bytes() == first
+    shutil.rmtree(tmp_path / "work")  # the session that ran seed 1 is gone
+    _finished_run(ctx, "scratch", 2, 14.0)
+    got = report.collect(ctx)["methods"]["scratch"]
+    assert got["seeds"] == [1, 2] and got["bleu_greedy"] == 12.0
+    with open(ctx.archive.hypothesis("scratch", 1, "test.beam1", str(tmp_path / "tmp"))) as f:
+        assert f.read() == "a dog runs\na cat sits\n"
+    assert ctx.archive.hypothesis("scratch", 2, "test.beam1", str(tmp_path / "tmp")) is None
+    _finished_run(ctx, "scratch", 1, 11.0)  # rerun here: its fresh record is read, not the archived one
+    assert report.collect(ctx)["methods"]["scratch"]["bleu_greedy"] == 12.5
+
+
+def test_an_archived_run_is_not_rerun_unless_another_tier_needs_its_checkpoint(tmp_path, monkeypatch):
+    ctx = run.Context(run.parse_args(["--workdir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]))
+    ctx.archive.save_run(dict(method="scratch", seed=1, bleu_greedy=1.0), str(tmp_path))
+    trained = []
+    monkeypatch.setattr(run, "train", lambda c, m, s: trained.append((m, s)) or {})
+    monkeypatch.setattr(run, "evaluate_checkpoint", lambda c, best, d: {})
+    run.train_and_evaluate(ctx, "scratch", 1)
+    assert trained == []
+    best = os.path.join(ctx.run_dir("scratch", 1), "checkpoint_best.pt")
+    os.makedirs(os.path.dirname(best))
+    open(best, "w").close()
+    run.train_and_evaluate(ctx, "scratch", 1, need_checkpoint=True)
+    assert trained == [("scratch", 1)]
+    assert os.path.exists(os.path.join(ctx.run_dir("scratch", 1), "result.json"))
+
+
+def test_archive_finished_replaces_rebuilt_records_and_keeps_real_ones(tmp_path):
+    ctx = run.Context(run.parse_args(["--workdir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]))
+    ctx.archive.save_run(dict(method="scratch", seed=1, bleu_greedy=1.0, restored="rebuilt"), str(tmp_path))
+    ctx.archive.save_run(dict(method="word_kd", seed=1, bleu_greedy=2.0), str(tmp_path))
+    _finished_run(ctx, "scratch", 1, 10.0)
+    _finished_run(ctx, "word_kd", 1, 20.0)
+    _finished_run(ctx, "seqkd", 1, 30.0)
+    run.archive_finished(ctx)
+    got = {m: r["bleu_greedy"] for (m, _s), r in ctx.archive.runs().items()}
+    assert got == {"scratch": 10.0, "word_kd": 2.0, "seqkd": 30.0}
+
+
+def test_bootstrap_pairs_each_system_on_the_lowest_seed_both_have(tmp_path):
+    import report
+
+    text = tmp_path / "text"
+    text.mkdir()
+    refs = ["a dog runs on the grass", "two men play football", "a woman reads a book", "the child is smiling"]
+    (text / "test_2016_flickr.en").write_text("\n".join(refs) + "\n")
+    ctx = run.Context(run.parse_args(["--workdir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"),
+                                      "--text-dir", str(text)]))
+    worse = ["a dog runs", "two men play", "a woman reads", "the child"]
+    _finished_run(ctx, "scratch", 2, 1.0, worse)
+    rec, d = _finished_run(ctx, "scratch", 3, 1.0, worse)
+    ctx.archive.save_run(rec, d)
+    _finished_run(ctx, "word_kd", 3, 2.0, refs)  # word_kd has seed 3 only: its pair is seed 3
+    present = report.collect(ctx)["methods"]
+    got = report.bootstrap(ctx, present)
+    greedy = [b for b in got if b["decode"] == "greedy"]
+    assert [(b["baseline"], b["system"], b["seed"]) for b in greedy] == [("scratch", "word_kd", 3)]
+    assert greedy[0]["bleu"] == 100.0 and greedy[0]["baseline_bleu"] < 100.0

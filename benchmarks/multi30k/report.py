@@ -26,15 +26,19 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def collect(ctx) -> dict:
     speed_dir = os.path.join(ctx.tier_dir, "speed")
-    speed = {f[:-5]: _read(os.path.join(speed_dir, f)) for f in sorted(os.listdir(speed_dir)) if f.endswith(".json")} \
-        if os.path.isdir(speed_dir) else {}
+    speed = ctx.archive.speed()
+    if os.path.isdir(speed_dir):
+        speed.update({f[:-5]: _read(os.path.join(speed_dir, f)) for f in sorted(os.listdir(speed_dir))
+                      if f.endswith(".json")})
     teacher = speed.get("teacher", {})
     t_beam = teacher.get("beam5_b64", {}).get("sents_per_sec")
+    archived = ctx.archive.runs()
     out_methods: Dict[str, dict] = {}
-    for m in methods.ALL:  # every finished run of this tier, whichever invocation made it
+    for m in methods.ALL:  # every finished run of this tier, whichever invocation (or session) made it
         seeds = ctx.tier["seeds"][m]
+        runs = {s: r for (am, s), r in archived.items() if am == m}
         found = glob.glob(os.path.join(ctx.run_dir(m, "*"), "result.json"))
-        runs = {r["seed"]: r for r in map(_read, found) if r["method"] == m}  # imitkd_s* also finds imitkd_star
+        runs.update({r["seed"]: r for r in map(_read, found) if r["method"] == m})  # imitkd_s* finds imitkd_star
         if not runs:
             continue
         rec = dict(label=methods.ALL[m]["label"], data=methods.ALL[m]["data"], seeds=sorted(runs),
@@ -64,34 +68,56 @@ def collect(ctx) -> dict:
         rec["speedup_greedy_vs_teacher_beam5"] = _ratio(rec["student_sents_per_sec"], t_beam)
         rec["speedup_beam5_vs_teacher_beam5"] = _ratio(rec["student_sents_per_sec_beam5"], t_beam)
         rec["command"] = runs[min(runs)]["command"]
+        rec["cpus"] = sorted({r["cpu"] for r in runs.values() if r.get("cpu")})
+        if any("restored" in r for r in runs.values()):
+            rec["seeds_restored"] = sorted(s for s, r in runs.items() if "restored" in r)
         out_methods[m] = rec
     return dict(methods={m: r for m, r in out_methods.items() if m in methods.METHODS},
                 ablations={m: r for m, r in out_methods.items() if m in methods.ABLATIONS}, teacher=teacher, speed=speed)
 
 
 BOOTSTRAP_DECODES = (("greedy", "test.beam1"), ("beam5", "test.beam5"), ("greedy_nolimit", "test.beam1.nolimit"))
+BOOTSTRAP_ORDER = {d: i for i, (d, _name) in enumerate(BOOTSTRAP_DECODES)}
+
+
+def _hypothesis(ctx, method: str, seed: int, decode: str, scratch_dir: str) -> Optional[str]:
+    path = os.path.join(ctx.run_dir(method, seed), decode + ".hyp")
+    return path if os.path.exists(path) else ctx.archive.hypothesis(method, seed, decode, scratch_dir)
 
 
 def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
-    """Paired bootstrap on the lowest seed's test outputs: every method against scratch, every ImitKD
-    variant against word_kd and against seqkd."""
+    """Paired bootstrap of every method against scratch and of every ImitKD variant against word_kd and
+    against seqkd, each pair on the test outputs of the lowest seed that both have."""
+    import tempfile
+
     ref = os.path.join(ctx.args.text_dir, "test_2016_flickr.en")
     pairs = [("scratch", m) for m in present if m != "scratch"]
     pairs += [(base, m) for base in ("word_kd", "seqkd") for m in present if m.startswith("imitkd")]
     out = []
-    for decode, name in BOOTSTRAP_DECODES:
-        for base in ("scratch", "word_kd", "seqkd"):
-            hyp = {m: os.path.join(ctx.run_dir(m, present[m]["seeds"][0]), name + ".hyp")
-                   for b, m in pairs if b == base and b in present}
-            hyp = {m: p for m, p in hyp.items() if os.path.exists(p)}
-            base_hyp = os.path.join(ctx.run_dir(base, present[base]["seeds"][0]), name + ".hyp") \
-                if base in present else None
-            if not hyp or not base_hyp or not os.path.exists(base_hyp):
-                continue
-            res = evaluate.paired_bootstrap(base_hyp, hyp, ref)
-            for m in hyp:
-                out.append(dict(decode=decode, baseline=base, system=m, **res[m]))
-    return out
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        for decode, name in BOOTSTRAP_DECODES:
+            for base in ("scratch", "word_kd", "seqkd"):
+                by_seed: Dict[int, Dict[str, str]] = {}  # seed -> {system: outputs}
+                base_hyps = {}
+                for b, m in pairs:
+                    if b != base or base not in present:
+                        continue
+                    for seed in sorted(set(present[base]["seeds"]) & set(present[m]["seeds"])):
+                        if seed not in base_hyps:
+                            base_hyps[seed] = _hypothesis(ctx, base, seed, name, scratch_dir)
+                        hyp = _hypothesis(ctx, m, seed, name, scratch_dir)
+                        if base_hyps[seed] and hyp:
+                            by_seed.setdefault(seed, {})[m] = hyp
+                            break
+                for seed, hyps in sorted(by_seed.items()):
+                    res = evaluate.paired_bootstrap(base_hyps[seed], hyps, ref)
+                    out.extend(dict(decode=decode, baseline=base, system=m, seed=seed, **res[m]) for m in hyps)
+    # rows computed by an earlier session on outputs that were not kept, for the seeds they were on
+    done = {(b["decode"], b["baseline"], b["system"], b["seed"]) for b in out}
+    out += [b for b in ctx.archive.bootstrap() if (b["decode"], b["baseline"], b["system"], b["seed"]) not in done
+            and b["baseline"] in present and b["system"] in present]
+    return sorted(out, key=lambda b: (BOOTSTRAP_ORDER[b["decode"]], b["baseline"] != "scratch", b["baseline"],
+                                      b["system"], b["seed"]))
 
 
 def write(ctx, ledger: List[dict]) -> str:
@@ -113,7 +139,7 @@ def write(ctx, ledger: List[dict]) -> str:
         paired_bootstrap=bootstrap(ctx, present) if "scratch" in present else [],
         setup=dict(student=methods.STUDENT, tier=ctx.tier, jobs=ctx.args.jobs or
                    (1 if ctx.args.gpu else 2), threads_per_process=ctx.args.threads,
-                   device="cuda" if ctx.args.gpu else "cpu", cpu=evaluate.cpu_name(), cores=os.cpu_count(),
+                   device="cuda" if ctx.args.gpu else "cpu", cpu=_cpus(present), cores=os.cpu_count(),
                    python=platform.python_version(), torch=_torch_version(),
                    selection="checkpoint_best.pt by greedy valid BLEU (fairseq --eval-bleu), validated every "
                              f"{ctx.tier['validate_every']} updates from update {ctx.tier['validate_after']}"),
@@ -186,9 +212,16 @@ def _signature(ctx, present: Dict[str, dict]) -> Optional[str]:
     """sacreBLEU's signature from a run's result, for a tier that did not decode the teacher."""
     for m, r in present.items():
         path = os.path.join(ctx.run_dir(m, r["seeds"][0]), "result.json")
-        if os.path.exists(path):
-            return _read(path).get("sacrebleu_signature")
+        rec = _read(path) if os.path.exists(path) else ctx.archive.runs().get((m, r["seeds"][0]), {})
+        if rec.get("sacrebleu_signature"):
+            return rec["sacrebleu_signature"]
     return None
+
+
+def _cpus(present: Dict[str, dict]) -> str:
+    """The processors the runs trained on (a tier completed over several sessions may have had several)."""
+    names = sorted({c for r in present.values() for c in r.get("cpus", [])}) or [evaluate.cpu_name()]
+    return " and ".join(names)
 
 
 def _median(values: List[Optional[float]]) -> Optional[float]:
@@ -210,7 +243,7 @@ def _torch_version() -> str:
 
 
 def _corpora_seconds(ctx) -> Dict[str, float]:
-    out = {}
+    out = ctx.archive.corpus_seconds()
     for name in ("seqkd", "seqinter"):
         p = os.path.join(ctx.work, name, "seqkd_stats.json")
         if os.path.exists(p):
@@ -295,11 +328,12 @@ def markdown(res: dict, png: str) -> str:
                          f"| {_bleu_cell(r, 'val_bleu_selection')} |")
         lines.append("")
     if res["paired_bootstrap"]:
-        lines += ["## Paired bootstrap (sacreBLEU `--paired-bs`, 1,000 resamples, lowest seed's outputs)", "",
-                  "| decode | baseline | system | baseline BLEU | system BLEU | 95% CI ± | p |", "|---|---|---|---|---|---|---|"]
+        lines += ["## Paired bootstrap (sacreBLEU `--paired-bs`, 1,000 resamples, the lowest seed both have)", "",
+                  "| decode | baseline | system | seed | baseline BLEU | system BLEU | 95% CI ± | p |",
+                  "|---|---|---|---|---|---|---|---|"]
         for b in res["paired_bootstrap"]:
-            lines.append(f"| {b['decode']} | {b['baseline']} | {b['system']} | {b['baseline_bleu']:.2f} | {b['bleu']:.2f} "
-                         f"| {b['ci95']:.2f} | {b['p_value']:.4f} |")
+            lines.append(f"| {b['decode']} | {b['baseline']} | {b['system']} | {b.get('seed', '–')} "
+                         f"| {b['baseline_bleu']:.2f} | {b['bleu']:.2f} | {b['ci95']:.2f} | {b['p_value']:.4f} |")
         lines.append("")
     wt = res["wall_time"]
     lines += ["## Wall time", "",

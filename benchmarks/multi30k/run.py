@@ -6,7 +6,10 @@ From a clean checkout (with ``../shared`` beside it, or ``--text-dir``/``--teach
     python benchmarks/multi30k/run.py --tier full --gpu                        # more updates and seeds
 
 Steps, each cached in ``--workdir`` so that a rerun skips what is finished and resumes the rest
-(fairseq-train resumes from ``checkpoint_last.pt``, imitkd-seqkd from its finished shards):
+(fairseq-train resumes from ``checkpoint_last.pt``, imitkd-seqkd from its finished shards). Finished
+runs, their test outputs and the timings are also recorded under ``runs/<tier>/`` beside the results
+(``archive.py``), which is committed: a run recorded there is not rerun, so a tier can be completed over
+several sessions. To reproduce every run yourself, give ``--out-dir`` an empty folder.
 
 1. encode Multi30k with the teacher's sentencepiece model and binarize it with its dictionaries;
 2. build the teacher's Seq-KD and Seq-Inter corpora over train (beam 5);
@@ -20,6 +23,7 @@ Training jobs run ``--jobs`` at a time (default 2 on CPU, 1 on GPU), each with `
 threads (default 1), so on 2 cores two runs share the machine; ``sec_per_update`` is measured so.
 """
 import argparse
+import glob
 import json
 import logging
 import os
@@ -29,6 +33,7 @@ import threading
 import time
 from typing import Callable, Dict, List
 
+import archive
 import data
 import evaluate
 import methods
@@ -93,6 +98,7 @@ class Context:
         self.work = os.path.abspath(args.workdir)
         self.tier_dir = os.path.join(self.work, args.tier if not args.max_update else f"{args.tier}_u{args.max_update}")
         self.logs = os.path.join(self.tier_dir, "logs")
+        self.archive = archive.Archive(os.path.abspath(args.out_dir), os.path.basename(self.tier_dir))
         self.teacher = os.path.join(os.path.abspath(args.teacher_dir), "checkpoint.pt")
         self.teacher_args = ["--teacher-path", self.teacher, "--teacher-data", os.path.abspath(args.teacher_dir)]
         self.device_args = [] if args.gpu else ["--cpu"]
@@ -240,17 +246,24 @@ def train(ctx: Context, method: str, seed: int) -> dict:
     return out
 
 
-def train_and_evaluate(ctx: Context, method: str, seed: int) -> None:
+def train_and_evaluate(ctx: Context, method: str, seed: int, need_checkpoint: bool = False) -> None:
+    """Train and evaluate one run unless it is finished here or archived (a start student whose
+    checkpoint another tier needs is trained again if only its record survived)."""
     run_dir = ctx.run_dir(method, seed)
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
         return
-    result = dict(method=method, seed=seed, data=methods.ALL[method]["data"], **train(ctx, method, seed))
+    if (method, seed) in ctx.archive.runs() and not need_checkpoint:
+        logger.info("%s seed %d: archived in %s, not rerun", method, seed, ctx.archive.dir)
+        return
+    result = dict(method=method, seed=seed, data=methods.ALL[method]["data"], cpu=evaluate.cpu_name(),
+                  **train(ctx, method, seed))
     best = os.path.join(run_dir, "checkpoint_best.pt")
     if not os.path.isfile(best):
         raise RuntimeError(f"{best} was not written: did validation run?")
     result.update(evaluate_checkpoint(ctx, best, run_dir))
     write_json(result_path, result)
+    ctx.archive.save_run(result, run_dir)
 
 
 # (result key, split, beam, length limit, file name)
@@ -292,7 +305,7 @@ def time_decoding(ctx: Context, name: str, checkpoint: str, kind: str) -> None:
     speed_dir = os.path.join(ctx.tier_dir, "speed")
     os.makedirs(speed_dir, exist_ok=True)
     path = os.path.join(speed_dir, f"{name}.json")
-    if os.path.exists(path):
+    if os.path.exists(path) or name in ctx.archive.speed():
         return
     out = {}
     for setting, (beam, bsz) in SPEED_SETTINGS[kind].items():
@@ -301,6 +314,26 @@ def time_decoding(ctx: Context, name: str, checkpoint: str, kind: str) -> None:
                                          user_dir=USER_DIR, device_args=ctx.device_args, env=ctx.env)
         out[setting].update(evaluate.bleu(prefix + ".hyp", os.path.join(ctx.args.text_dir, "test_2016_flickr.en")))
     write_json(path, out)
+    ctx.archive.save_speed(name, out)
+
+
+def archive_finished(ctx: Context) -> None:
+    """Archive every finished run of this tier (and of the tier it continues) that is not archived yet."""
+    for c in [ctx] + ([ctx.start_context()] if "start_from" in ctx.tier else []):
+        archived = c.archive.runs()
+        for path in glob.glob(os.path.join(c.tier_dir, "runs", "*", "result.json")):
+            r = read_json(path)
+            if "restored" in archived.get((r["method"], r["seed"]), {"restored": True}):  # missing or rebuilt
+                c.archive.save_run(r, os.path.dirname(path))
+        for name in ("seqkd", "seqinter"):
+            stats = os.path.join(c.work, name, "seqkd_stats.json")
+            if os.path.exists(stats) and name not in c.archive.corpus_seconds():
+                c.archive.save_corpus_seconds(name, read_json(stats)["seconds"])
+        speed_dir = os.path.join(c.tier_dir, "speed")
+        for path in glob.glob(os.path.join(speed_dir, "*.json")):
+            name = os.path.basename(path)[:-5]
+            if name not in c.archive.speed():
+                c.archive.save_speed(name, read_json(path))
 
 
 def main(argv=None) -> int:
@@ -309,9 +342,9 @@ def main(argv=None) -> int:
                         stream=sys.stdout, force=True)  # an import may have configured logging already
     data.check_inputs(args.text_dir, args.teacher_dir)
     ctx = Context(args)
-    ledger_path = os.path.join(ctx.tier_dir, "invocations.json")
     if args.report_only:
-        logger.info("results: %s", report.write(ctx, read_json(ledger_path) if os.path.exists(ledger_path) else []))
+        archive_finished(ctx)
+        logger.info("results: %s", report.write(ctx, ctx.archive.ledger()))
         return 0
     os.makedirs(ctx.logs, exist_ok=True)
     t_start = time.time()
@@ -330,7 +363,7 @@ def main(argv=None) -> int:
     if "start_from" in ctx.tier:  # the students this tier continues, trained (or found) first
         start_ctx, start_method = ctx.start_context(), ctx.tier["start_from"].split(":")[1]
         for s in sorted({s for m in ctx.seeds for s in ctx.seeds[m]}):
-            jobs.add(f"start:{s}", lambda s=s: train_and_evaluate(start_ctx, start_method, s))
+            jobs.add(f"start:{s}", lambda s=s: train_and_evaluate(start_ctx, start_method, s, need_checkpoint=True))
             starts.add(s)
     for m, s in order:
         corpus = methods.ALL[m]["data"]
@@ -354,11 +387,10 @@ def main(argv=None) -> int:
     t_end = time.time()
 
     # every invocation's wall time is kept: an interrupted tier's total is their sum
-    ledger = read_json(ledger_path) if os.path.exists(ledger_path) else []
-    ledger.append(dict(start=t_start, train_eval_s=round(t_train - t_start, 1), speed_s=round(t_end - t_train, 1),
-                       wall_s=round(t_end - t_start, 1), argv=sys.argv[1:], methods=sorted(ctx.seeds),
-                       failed=failed))
-    write_json(ledger_path, ledger)
+    ledger = ctx.archive.add_invocation(dict(
+        start=t_start, train_eval_s=round(t_train - t_start, 1), speed_s=round(t_end - t_train, 1),
+        wall_s=round(t_end - t_start, 1), argv=sys.argv[1:], methods=sorted(ctx.seeds), failed=failed))
+    archive_finished(ctx)
     path = report.write(ctx, ledger)
     logger.info("results: %s", path)
     if failed:
