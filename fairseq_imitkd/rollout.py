@@ -47,9 +47,10 @@ class Rollout:
     prev_output_tokens: Tensor
     #: (B,) number of generated tokens, final EOS included.
     lengths: Tensor
-    #: (B, T, V) float32 teacher log-probs given ``prev_output_tokens[:, :t + 1]``
-    #: (unmasked: before any pad/EOS/length rule); 0 at pad positions.  Only with
-    #: teacher models and ``keep_teacher_lprobs=True``.
+    #: (N, V) float32 teacher log-probs given ``prev_output_tokens[:, :t + 1]`` (unmasked:
+    #: before any pad/EOS/length rule) at the N generated positions, row by row: what a dense
+    #: (B, T, V) buffer would hold at ``tokens.ne(pad)``, without its padded cells.  Only with
+    #: teacher models and ``keep_teacher_lprobs=True``; see :meth:`teacher_lprobs_at`.
     teacher_lprobs: Optional[Tensor] = None
     #: (B, T) argmax of the teacher's (unmasked) distribution at each position, pad
     #: after the end.  Only with teacher models.
@@ -57,6 +58,17 @@ class Rollout:
     #: number of generated tokens (final EOS included) that were the teacher's action
     #: (token mixing); 0-dim tensor on the batch's device, to avoid a sync per step.
     teacher_tokens: Optional[Tensor] = None
+
+    def teacher_lprobs_at(self, rows: Optional[Tensor]) -> Tensor:
+        """The teacher's log-probs at the generated positions of ``rows`` (None: every row), row by row
+        in the order given: ``dense[rows][mask]`` for ``mask = tokens[rows].ne(pad)``."""
+        if rows is None:
+            return self.teacher_lprobs
+        offsets = self.lengths.cumsum(0) - self.lengths
+        width = int(self.lengths[rows].max())
+        steps = torch.arange(width, device=self.lengths.device).unsqueeze(0)
+        index = offsets[rows].unsqueeze(1) + steps
+        return self.teacher_lprobs[index[steps < self.lengths[rows].unsqueeze(1)]]
 
 
 @contextlib.contextmanager
@@ -183,8 +195,8 @@ def rollout(
             so ``teacher_prob=0`` consumes the RNG exactly as a student-only rollout.
         teacher_sample: the teacher's action is a sample from its full distribution at
             temperature 1 instead of its argmax.
-        keep_teacher_lprobs: also return the teacher's (B, T, V) log-probs; else only
-            their argmax (saves B*T*V floats).
+        keep_teacher_lprobs: also return the teacher's log-probs at every generated
+            position (N, V); else only their argmax.
 
     Dropout is off during the rollout; training flags are restored afterwards.
     ``teacher_prob=1`` never runs the student.
@@ -318,10 +330,12 @@ def _decode(
 
     teacher_lprobs = None
     if teachers and keep_teacher_lprobs:
-        vocab = t_steps[0][1].size(1)
-        teacher_lprobs = torch.zeros(bsz, width, vocab, device=device)
+        # packed row by row: every row still decoding at a step generates a token there, so each
+        # step's distributions land at offset[row] + step, and no padded cell is ever written
+        offsets = lengths.cumsum(0) - lengths
+        teacher_lprobs = t_steps[0][1].new_empty(int(lengths.sum()), t_steps[0][1].size(1))
         for step, (step_rows, lp) in enumerate(t_steps):
-            teacher_lprobs[step_rows, step] = lp
+            teacher_lprobs[offsets[step_rows] + step] = lp
     return Rollout(
         tokens=tokens,
         prev_output_tokens=prev_output_tokens,

@@ -303,6 +303,13 @@ def test_beta_zero_follows_student(student, teacher, tgt_dict, batch, sampling):
     assert not torch.equal(teacher_greedy.tokens[:, :3], mixed.tokens[:, :3])  # the two policies differ
 
 
+def _dense(ro, mask):
+    """The packed teacher log-probs spread back over (B, T, V), 0 at padding."""
+    out = ro.teacher_lprobs.new_zeros(*mask.shape, ro.teacher_lprobs.size(1))
+    out[mask] = ro.teacher_lprobs
+    return out
+
+
 def teacher_forced_lprobs(models, src_tokens, src_lengths, prev_output_tokens):
     with torch.no_grad():
         per_model = [
@@ -321,12 +328,14 @@ def test_mixed_rollout_returns_teacher_forced_lprobs(student, teacher, tgt_dict,
         teacher_models=[teacher], teacher_prob=0.5, teacher_sample=teacher_sample,
     )
     check_layout(ro, tgt_dict.eos(), tgt_dict.pad())
-    B, T = ro.tokens.shape
-    assert ro.teacher_lprobs.shape == (B, T, len(tgt_dict)) and ro.teacher_lprobs.dtype == torch.float32
-    expected = teacher_forced_lprobs([teacher], src_tokens, src_lengths, ro.prev_output_tokens)
     mask = ro.tokens.ne(tgt_dict.pad())
-    assert torch.allclose(ro.teacher_lprobs[mask], expected[mask], atol=1e-4, rtol=0)
-    assert ro.teacher_lprobs[~mask].eq(0).all()
+    # packed: one row per generated position, none for padding
+    assert ro.teacher_lprobs.shape == (int(mask.sum()), len(tgt_dict)) and ro.teacher_lprobs.dtype == torch.float32
+    expected = teacher_forced_lprobs([teacher], src_tokens, src_lengths, ro.prev_output_tokens)
+    assert torch.allclose(ro.teacher_lprobs, expected[mask], atol=1e-4, rtol=0)
+    # any subset of rows, in any order, as a length group of the criterion asks for them
+    rows = torch.argsort(ro.lengths, descending=True)[: ro.tokens.size(0) // 2 + 1]
+    assert torch.allclose(ro.teacher_lprobs_at(rows), expected[rows][mask[rows]], atol=1e-4, rtol=0)
     assert torch.equal(ro.teacher_argmax[mask], expected.argmax(-1)[mask])
     assert ro.teacher_argmax[~mask].eq(tgt_dict.pad()).all()
 
@@ -339,12 +348,13 @@ def test_intermediate_beta_mixes_both_policies(student, teacher, tgt_dict, batch
     ro = rollout(student, src_tokens, src_lengths, teacher_models=[teacher], teacher_prob=0.5, max_len_b=max_len)
     with torch.no_grad():
         s_lprobs = student.get_normalized_probs(student(src_tokens, src_lengths, ro.prev_output_tokens), log_probs=True)
-    for lp in (s_lprobs, ro.teacher_lprobs):  # the rules every chosen token obeys
+    mask = ro.tokens.ne(tgt_dict.pad())
+    t_lprobs = _dense(ro, mask)
+    for lp in (s_lprobs, t_lprobs):  # the rules every chosen token obeys
         lp[:, :, tgt_dict.pad()] = -math.inf
         lp[:, 0, tgt_dict.eos()] = -math.inf
-    mask = ro.tokens.ne(tgt_dict.pad())
     mask[:, max_len:] = False  # forced EOS
-    from_teacher = ro.teacher_lprobs.argmax(-1).eq(ro.tokens) & mask
+    from_teacher = t_lprobs.argmax(-1).eq(ro.tokens) & mask
     from_student = s_lprobs.argmax(-1).eq(ro.tokens) & mask
     assert (from_teacher | from_student)[mask].all()
     only_teacher = (from_teacher & ~from_student).sum()
@@ -371,7 +381,7 @@ def test_teacher_ensemble_is_averaged_in_probability_space(bundle, student, teac
     ro = rollout(student, src_tokens, src_lengths, teacher_models=[teacher, other], teacher_prob=0.5, max_len_b=12)
     expected = teacher_forced_lprobs([teacher, other], src_tokens, src_lengths, ro.prev_output_tokens)
     mask = ro.tokens.ne(tgt_dict.pad())
-    assert torch.allclose(ro.teacher_lprobs[mask], expected[mask], atol=1e-4, rtol=0)
+    assert torch.allclose(ro.teacher_lprobs, expected[mask], atol=1e-4, rtol=0)
 
 
 def test_low_precision_teacher_gives_float32_lprobs(student, teacher, tgt_dict, batch):
@@ -381,9 +391,9 @@ def test_low_precision_teacher_gives_float32_lprobs(student, teacher, tgt_dict, 
     assert ro.teacher_lprobs.dtype == torch.float32
     expected = teacher_forced_lprobs([teacher], src_tokens[:8], src_lengths[:8], ro.prev_output_tokens)
     mask = ro.tokens.ne(tgt_dict.pad())
-    assert torch.isfinite(ro.teacher_lprobs[mask]).all()
+    assert torch.isfinite(ro.teacher_lprobs).all()
     # bf16 has ~3 significant digits: the distributions agree, not the bits
-    assert (ro.teacher_lprobs[mask].exp() - expected[mask].exp()).abs().sum(-1).max() < 0.2
+    assert (ro.teacher_lprobs.exp() - expected[mask].exp()).abs().sum(-1).max() < 0.2
 
 
 # --------------------------------------------------------------------------- validation

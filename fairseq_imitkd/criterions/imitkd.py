@@ -182,7 +182,7 @@ class ImitKDCriterion(KDCriterion):
         token_mixed = model.training and self.mix == "token"
         if token_mixed:
             # the rollout already holds the teacher's distributions: no second teacher pass
-            prev, target, rollout_lprobs, rollout_argmax, stats = self._token_mixed(model, teacher, sample, beta)
+            prev, target, ro, stats = self._token_mixed(model, teacher, sample, beta)
         else:
             prev, target, on_policy, stats = self._sequence_mixed(model, sample, beta)
         full_mask = target.ne(self.padding_idx)
@@ -194,8 +194,8 @@ class ImitKDCriterion(KDCriterion):
             src, src_len = (src_tokens, src_lengths) if rows is None else (src_tokens[rows], src_lengths[rows])
             mask = pick(full_mask)
             if token_mixed:
-                g_argmax = pick(rollout_argmax)[mask]
-                g_teacher = None if rollout_lprobs is None else pick(rollout_lprobs)[mask]
+                g_argmax = pick(ro.teacher_argmax)[mask]
+                g_teacher = ro.teacher_lprobs_at(rows) if ro.teacher_lprobs is not None else None
                 g_target = g_argmax
             else:
                 g_teacher = teacher.log_probs(src, src_len, pick(prev), mask)
@@ -285,7 +285,7 @@ class ImitKDCriterion(KDCriterion):
             "rollout_tokens": n_tokens,
             "n_rollouts": ro.tokens.size(0),
         }
-        return ro.prev_output_tokens, target, ro.teacher_lprobs, ro.teacher_argmax, stats
+        return ro.prev_output_tokens, target, ro, stats
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
