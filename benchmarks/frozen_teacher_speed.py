@@ -19,14 +19,15 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
+sys.path.insert(0, os.path.join(REPO, "benchmarks", "multi30k"))
+import data as multi30k  # noqa: E402  (where the benchmarks' inputs are)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=os.path.join(REPO, "benchmarks", "multi30k", "work", "bin"),
                    help="Multi30k binarized with the teacher's dictionaries (benchmarks/multi30k/run.py makes it)")
-    p.add_argument("--teacher-dir", default=os.path.join(SHARED, "teachers", "multi30k_de_en"))
+    p.add_argument("--teacher-dir", default=multi30k.DEFAULT_TEACHER_DIR)
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)

@@ -28,9 +28,11 @@ import torch
 
 logger = logging.getLogger("rollout_speed")
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared")
-DEFAULT_CHECKPOINT = os.path.join(SHARED, "teachers", "multi30k_de_en", "checkpoint.pt")
-DEFAULT_TEXT = os.path.join(SHARED, "data", "multi30k")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "multi30k"))
+import data as multi30k  # noqa: E402  (where the benchmarks' inputs are)
+
+DEFAULT_CHECKPOINT = os.path.join(multi30k.DEFAULT_TEACHER_DIR, "checkpoint.pt")
+DEFAULT_TEXT = multi30k.DEFAULT_TEXT_DIR
 
 
 def parse_args(argv=None):

@@ -28,7 +28,9 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
+sys.path.insert(0, os.path.join(REPO, "benchmarks", "multi30k"))
+import data as multi30k  # noqa: E402  (the benchmark's data preparation, shared by every speed script)
+
 logger = logging.getLogger("update_speed")
 
 METHODS = {
@@ -44,8 +46,8 @@ BETA0 = ["--imitkd-beta-schedule", "constant", "--imitkd-beta", "0"]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher-dir", default=os.path.join(SHARED, "teachers", "multi30k_de_en"))
-    p.add_argument("--text-dir", default=os.path.join(SHARED, "data", "multi30k"))
+    p.add_argument("--teacher-dir", default=multi30k.DEFAULT_TEACHER_DIR)
+    p.add_argument("--text-dir", default=multi30k.DEFAULT_TEXT_DIR)
     p.add_argument("--workdir", default="/tmp/imitkd-bench", help="binarized data and the pretrained student")
     p.add_argument("--pretrain-updates", type=int, default=400)
     p.add_argument("--batches", type=int, default=20, help="timed batches per method")
@@ -62,28 +64,6 @@ def parse_args(argv=None):
 def run(cmd, env=None):
     logger.info("$ %s", " ".join(cmd))
     subprocess.run(cmd, check=True, env=env)
-
-
-def prepare_data(args) -> str:
-    """sentencepiece-encode Multi30k and binarize it with the teacher's dictionaries (cached)."""
-    import sentencepiece
-
-    bin_dir = os.path.join(args.workdir, "bin")
-    if os.path.exists(os.path.join(bin_dir, "train.de-en.de.bin")):
-        return bin_dir
-    os.makedirs(args.workdir, exist_ok=True)
-    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(args.teacher_dir, "spm.model"))
-    for split in ("train", "val"):
-        for lang in ("de", "en"):
-            with open(os.path.join(args.text_dir, f"{split}.{lang}"), encoding="utf-8") as fin, \
-                    open(os.path.join(args.workdir, f"{split}.spm.{lang}"), "w", encoding="utf-8") as fout:
-                for line in fin:
-                    fout.write(" ".join(sp.encode(line.strip(), out_type=str)) + "\n")
-    run([sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "de", "--target-lang", "en",
-         "--trainpref", os.path.join(args.workdir, "train.spm"), "--validpref", os.path.join(args.workdir, "val.spm"),
-         "--srcdict", os.path.join(args.teacher_dir, "dict.de.txt"),
-         "--tgtdict", os.path.join(args.teacher_dir, "dict.en.txt"), "--destdir", bin_dir, "--workers", "2"])
-    return bin_dir
 
 
 def pretrain_student(args, bin_dir) -> str:
@@ -148,7 +128,7 @@ def main(argv=None):
     import fairseq_imitkd.criterions.imitkd as imitkd_module
     from fairseq_imitkd.teacher import Teacher
 
-    bin_dir = prepare_data(args)
+    bin_dir = multi30k.prepare(args.text_dir, args.teacher_dir, args.workdir, os.path.join(args.workdir, "logs"))
     student_ckpt = pretrain_student(args, bin_dir)
     task, model, criteria = build(bin_dir, student_ckpt, args)
     cuda = args.device == "cuda"

@@ -6,12 +6,9 @@ checkpoints use for their whole config), and the numpy arrays of ``--eval-bleu``
 protection against arbitrary code in a checkpoint, which ``weights_only=False`` would throw away.
 """
 import argparse
-import logging
 
 import numpy as np
 import torch
-
-logger = logging.getLogger(__name__)
 
 def _numpy_globals():
     """What pickling numpy arrays and scalars writes: the reconstructors, ``ndarray``, and the dtypes.

@@ -7,7 +7,7 @@ student prefixes (ImitKD), and can be tested analytically without a model.
 Temperature: for ``lprobs = log_softmax(z)``, ``log_softmax(z / T) == log_softmax(lprobs / T)`` because
 the normaliser is a constant shift. Losses therefore accept T=1 log-probs and apply T themselves.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,3 +76,36 @@ def word_kd_loss(
 def agreement(student_lprobs: Tensor, teacher_lprobs: Tensor) -> Tensor:
     """Number of positions where the student's argmax equals the teacher's (a scalar count)."""
     return (student_lprobs.argmax(-1) == teacher_lprobs.argmax(-1)).sum()
+
+
+#: what ``--imitkd-target`` chooses between
+IMITKD_TARGETS = ("argmax", "full")
+
+
+def imitkd_targets(gold: Tensor, teacher_argmax: Tensor, on_policy: Tensor) -> Tensor:
+    """ImitKD's one-hot target at each scored position, shape ``(N,)``: the teacher's action where the
+    prefix is the student's own (``on_policy``), the data's next token where it is the data's.
+
+    Token mixing passes ``on_policy`` all True: every prefix is (partly) rolled out, so every target is the
+    teacher's action.
+    """
+    return torch.where(on_policy, teacher_argmax, gold)
+
+
+def imitkd_loss(student_lprobs: Tensor, target: str, *, teacher_lprobs: Optional[Tensor] = None,
+                teacher_argmax: Optional[Tensor] = None, gold: Optional[Tensor] = None,
+                on_policy: Optional[Tensor] = None, epsilon: float = 0.0) -> Tensor:
+    """ImitKD's loss summed over the N scored positions.
+
+    ``full`` (ImitKD+Full): the cross-entropy to the teacher's whole distribution on every prefix, data or
+    rolled out (``teacher_lprobs``; never smoothed). ``argmax`` (ImitKD): the NLL of
+    :func:`imitkd_targets`, label-smoothed with ``epsilon`` as fairseq smooths gold targets.
+    """
+    if target not in IMITKD_TARGETS:
+        raise ValueError(f"unknown ImitKD target {target!r}; valid: {', '.join(IMITKD_TARGETS)}")
+    if target == "full":
+        return soft_cross_entropy(student_lprobs, teacher_lprobs).sum()
+    hard = imitkd_targets(gold, teacher_argmax, on_policy)
+    if epsilon > 0.0:
+        return label_smoothed_nll_loss(_full(student_lprobs), hard, epsilon, reduce=True)[0]
+    return hard_cross_entropy(student_lprobs, hard).sum()

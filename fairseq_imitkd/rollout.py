@@ -16,7 +16,6 @@ torch's default generator, which fairseq reseeds every update, so resumed runs a
 """
 
 import contextlib
-import logging
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -26,8 +25,7 @@ from fairseq.sequence_generator import EnsembleModel
 from torch import Tensor, nn
 
 from .scoring import attention_backends
-
-logger = logging.getLogger(__name__)
+from .teacher import TeacherBase, check_same_dictionary
 
 STRATEGIES = ("greedy", "topk")
 
@@ -149,17 +147,6 @@ def _advance_scores(cum_scores: Tensor, lprobs: Tensor, chosen: Tensor, step: in
     return new.masked_fill_(~torch.isfinite(new), 0.0)
 
 
-def _check_dictionaries(model: nn.Module, teachers: Sequence[nn.Module]) -> None:
-    ref = model.decoder.dictionary
-    for t in teachers:
-        d = t.decoder.dictionary
-        if len(d) != len(ref) or (d.eos(), d.pad()) != (ref.eos(), ref.pad()):
-            raise ValueError(
-                "teacher and student must share one target dictionary "
-                f"(sizes {len(d)} vs {len(ref)}, eos/pad {d.eos()}/{d.pad()} vs {ref.eos()}/{ref.pad()})"
-            )
-
-
 @torch.no_grad()
 def rollout(
     model: nn.Module,
@@ -172,7 +159,7 @@ def rollout(
     sampling: str = "greedy",
     topk: int = 0,
     temperature: float = 1.0,
-    teacher_models: Optional[Sequence[nn.Module]] = None,
+    teacher: Optional[TeacherBase] = None,
     teacher_prob: float = 0.0,
     teacher_sample: bool = False,
     keep_teacher_lprobs: bool = True,
@@ -188,8 +175,8 @@ def rollout(
         sampling: ``"greedy"`` or ``"topk"`` (sample from the ``topk`` most likely
             tokens; ``topk=0`` samples from the full distribution).
         temperature: divides the student's logits before the softmax (> 0).
-        teacher_models: optional teacher (ensemble, averaged in probability space)
-            decoded incrementally over the same prefix.
+        teacher: optional teacher (its ensemble averaged in probability space), decoded
+            incrementally over the same prefix through :meth:`TeacherBase.inference`.
         teacher_prob: beta; per row and step the next token is the teacher's action
             with this probability, else the student's.  With 0 or 1 no coin is drawn,
             so ``teacher_prob=0`` consumes the RNG exactly as a student-only rollout.
@@ -211,11 +198,20 @@ def rollout(
         raise ValueError(f"teacher_prob (beta) must lie in [0, 1], got {teacher_prob}")
     if min_len < 0:
         raise ValueError(f"min_len must be >= 0, got {min_len}")
-    teachers: List[nn.Module] = list(teacher_models or [])
-    if teacher_prob > 0 and not teachers:
-        raise ValueError("teacher_prob > 0 needs teacher_models")
-    _check_dictionaries(model, teachers)
+    if teacher_prob > 0 and teacher is None:
+        raise ValueError("teacher_prob > 0 needs a teacher")
+    with teacher.inference() if teacher is not None else contextlib.nullcontext([]) as teachers:
+        for t in teachers:
+            check_same_dictionary("target", model.decoder.dictionary, t.decoder.dictionary, "the teacher's model")
+        return _checked_rollout(
+            model, list(teachers), src_tokens, src_lengths, max_len_a=max_len_a, max_len_b=max_len_b,
+            min_len=min_len, sampling=sampling, topk=topk, temperature=temperature, teacher_prob=teacher_prob,
+            teacher_sample=teacher_sample, keep_teacher_lprobs=keep_teacher_lprobs,
+        )
 
+
+def _checked_rollout(model, teachers, src_tokens, src_lengths, *, max_len_a, max_len_b, min_len, sampling, topk,
+                     temperature, teacher_prob, teacher_sample, keep_teacher_lprobs) -> Rollout:
     max_len = max_rollout_len(src_tokens, [model] + teachers, max_len_a, max_len_b)
     if max_len < 1:
         raise ValueError(

@@ -21,9 +21,6 @@ from typing import Optional
 
 SCHEDULES = ("exponential", "linear", "reverse_sigmoid", "constant")
 
-#: Schedules whose value depends on the horizon ``N``.
-DECAYING_SCHEDULES = ("exponential", "linear", "reverse_sigmoid")
-
 
 CLOCKS = ("updates", "agreement")
 

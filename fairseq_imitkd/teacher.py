@@ -6,11 +6,12 @@ silently give it the student's vocabulary, and a same-size vocabulary in another
 the student on garbage with no error. So the teacher's dictionaries are read from the teacher's own
 data directory and compared with the student's symbol by symbol.
 """
+import abc
 import contextlib
 import logging
 import math
 import os
-from typing import List, Optional, Sequence
+from typing import ContextManager, List, Optional, Sequence
 
 import torch
 from fairseq import checkpoint_utils, tasks, utils
@@ -114,17 +115,67 @@ def check_embedding_rows(path: str, model_state: dict, src_dict: Dictionary, tgt
             )
 
 
-class Teacher:
-    """A frozen teacher (one model or an ensemble averaged in probability space).
+def check_teacher_files(teacher_path: Optional[str], teacher_data: Optional[str], source_lang: str,
+                        target_lang: str, src_dict: Dictionary, tgt_dict: Dictionary) -> List[str]:
+    """Every teacher file exists and its dictionaries equal the task's symbol by symbol, before any
+    weights are read; returns the directory of each one's dictionaries. The one check of the teacher's
+    files, whoever loads it (the training task, ``imitkd-seqkd``)."""
+    paths = split_teacher_paths(teacher_path)
+    if not paths:
+        raise TeacherError("this criterion distils from a teacher: pass --teacher-path CHECKPOINT")
+    found = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise TeacherError(f"--teacher-path: no such file: {path}")
+        data = resolve_teacher_data(path, teacher_data, (source_lang, target_lang))
+        for role, ours, lang in (("source", src_dict, source_lang), ("target", tgt_dict, target_lang)):
+            check_same_dictionary(role, ours, Dictionary.load(os.path.join(data, f"dict.{lang}.txt")), data)
+        found.append(data)
+    return found
 
-    Deliberately not an ``nn.Module`` and not an attribute of the student or the criterion: it must stay
+
+class TeacherBase(abc.ABC):
+    """What the criterions and rollouts ask of a teacher; the seam for other kinds of teacher.
+
+    A teacher scores positions (:meth:`log_probs`) and, for rollouts that let it act, decodes
+    (:meth:`inference`). The fairseq models of :class:`Teacher` do both; a teacher whose outputs are
+    precomputed (a cache keyed by sample id) or run by another engine would implement the same calls,
+    and leave :meth:`inference` to raise where it cannot decode incrementally.
+
+    Never an ``nn.Module`` and never an attribute of the student or the criterion: a teacher must stay
     out of checkpoints, out of the optimizer, out of DDP, and out of ``--fp16``'s halving of the student.
     """
 
-    def __init__(self, models: List[torch.nn.Module], src_dict: Dictionary, tgt_dict: Dictionary):
+    @abc.abstractmethod
+    def log_probs(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor, mask: Tensor,
+                  ids: Optional[Tensor] = None) -> Tensor:
+        """Teacher-forced next-token log-probabilities ``(N, V)`` in float32 at the ``mask`` positions.
+        ``ids``: the batch's sample ids (``sample["id"]``), what a precomputed teacher looks rows up by."""
+
+    @abc.abstractmethod
+    def inference(self) -> ContextManager[List[torch.nn.Module]]:
+        """A context giving fairseq models that decode incrementally, with the teacher's fast settings."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Where the teacher computes."""
+
+    @property
+    @abc.abstractmethod
+    def dtype(self) -> torch.dtype:
+        """The precision it holds its weights (or outputs) in."""
+
+    @abc.abstractmethod
+    def to(self, device=None, dtype=None) -> "TeacherBase":
+        """Move (or cast) the teacher; returns itself."""
+
+
+class Teacher(TeacherBase):
+    """A frozen fairseq teacher: one model or an ensemble averaged in probability space."""
+
+    def __init__(self, models: List[torch.nn.Module]):
         self.models = models
-        self.src_dict = src_dict
-        self.tgt_dict = tgt_dict
         for m in models:
             m.requires_grad_(False)
             m.eval()
@@ -162,9 +213,8 @@ class Teacher:
                     m.requires_grad_(False)
 
     @torch.no_grad()
-    def log_probs(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor,
-                  mask: Tensor) -> Tensor:
-        """Teacher-forced next-token log-probabilities ``(N, V)`` in float32 at the ``mask`` positions."""
+    def log_probs(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor, mask: Tensor,
+                  ids: Optional[Tensor] = None) -> Tensor:
         out = [
             scored_log_probs(m, src_tokens, src_lengths, prev_output_tokens, mask).float() for m in self.models
         ]
@@ -183,11 +233,9 @@ def load_teacher(
 ) -> Teacher:
     """Load, check and freeze the teacher(s) on CPU in float32; the caller moves it."""
     paths = split_teacher_paths(teacher_path)
+    data_dirs = check_teacher_files(teacher_path, teacher_data, source_lang, target_lang, src_dict, tgt_dict)
     models = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise TeacherError(f"--teacher-path: no such file: {path}")
-        data = resolve_teacher_data(path, teacher_data, (source_lang, target_lang))
+    for path, data in zip(paths, data_dirs):
         overrides = {"data": data, "source_lang": source_lang, "target_lang": target_lang}
         state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides=overrides)
         cfg = state["cfg"]
@@ -195,9 +243,7 @@ def load_teacher(
             cfg.task.teacher_path = None  # a distilled student as teacher must not chain-load its own teacher
         if _get(cfg.task, "eval_bleu"):
             cfg.task.eval_bleu = False  # the teacher needs no BLEU generator (nor its tokenizer)
-        teacher_task = tasks.setup_task(cfg.task)
-        check_same_dictionary("source", src_dict, teacher_task.source_dictionary, data)
-        check_same_dictionary("target", tgt_dict, teacher_task.target_dictionary, data)
+        teacher_task = tasks.setup_task(cfg.task)  # its dictionaries: the files check_teacher_files compared
         check_embedding_rows(path, state["model"], teacher_task.source_dictionary, teacher_task.target_dictionary)
         # Building a model draws random initial weights. The teacher is loaded lazily inside the first
         # train step, after fairseq seeded it, so it must not consume the global RNG: else the first
@@ -210,4 +256,4 @@ def load_teacher(
             path, _get(cfg.model, "arch"), sum(p.numel() for p in model.parameters()), data,
         )
         models.append(model)
-    return Teacher(models, src_dict, tgt_dict)
+    return Teacher(models)

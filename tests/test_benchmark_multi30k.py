@@ -146,10 +146,11 @@ def test_fair_settings_are_shared():
 
 def test_output_lengths_and_the_share_at_the_limit():
     import evaluate
+    from fairseq_generate_io import output_lengths
 
     lines = ["S-0\tein Hund\n", "H-0\t-0.1\ta dog\n", "P-0\t-0.1 -0.2 -0.3\n",
              "P-1\t" + " ".join(["-0.5"] * 13) + "\n", "P-2\t-0.4\n"]
-    lengths = evaluate.output_lengths(lines)
+    lengths = output_lengths(lines)
     assert lengths == {0: 2, 1: 12, 2: 0}  # EOS is not counted
     # limits int(1.2*src + 10) with src 1, 2, 3 -> 11, 12, 13: only sentence 1 stops at its limit
     stats = evaluate.length_stats(lengths, [1, 2, 3], (1.2, 10))
@@ -158,7 +159,7 @@ def test_output_lengths_and_the_share_at_the_limit():
 
 
 def test_report_keeps_methods_whose_names_share_a_prefix_apart(tmp_path):
-    import report
+    import collect
 
     args = run.parse_args(["--workdir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
     ctx = run.Context(args)
@@ -170,7 +171,7 @@ def test_report_keeps_methods_whose_names_share_a_prefix_apart(tmp_path):
         os.makedirs(d)
         with open(os.path.join(d, "result.json"), "w") as f:
             json.dump(dict({k: bleu for k in keys}, method=method, seed=seed, command="x"), f)
-    got = report.collect(ctx)["methods"]
+    got = collect.collect(ctx)["methods"]
     assert got["imitkd"]["bleu_greedy"] == 20.0 and got["imitkd"]["seeds"] == [1]
     assert got["imitkd_star"]["bleu_greedy"] == 30.0
     assert got["scratch"]["bleu_greedy"] == 11.0 and got["scratch"]["bleu_greedy_stats"]["std"] == pytest.approx(1.41)
@@ -191,7 +192,7 @@ def _finished_run(ctx, method, seed, bleu, hyp_lines=None):
 def test_archived_runs_outlive_the_work_directory_and_the_work_directory_wins(tmp_path):
     import shutil
 
-    import report
+    import collect
 
     out = tmp_path / "out"
     ctx = run.Context(run.parse_args(["--workdir", str(tmp_path / "work"), "--out-dir", str(out)]))
@@ -203,13 +204,13 @@ def test_archived_runs_outlive_the_work_directory_and_the_work_directory_wins(tm
     assert (out / "runs" / "quick" / "scratch_s1.test.beam1.hyp.gz").read_bytes() == first
     shutil.rmtree(tmp_path / "work")  # the session that ran seed 1 is gone
     _finished_run(ctx, "scratch", 2, 14.0)
-    got = report.collect(ctx)["methods"]["scratch"]
+    got = collect.collect(ctx)["methods"]["scratch"]
     assert got["seeds"] == [1, 2] and got["bleu_greedy"] == 12.0
     with open(ctx.archive.hypothesis("scratch", 1, "test.beam1", str(tmp_path / "tmp"))) as f:
         assert f.read() == "a dog runs\na cat sits\n"
     assert ctx.archive.hypothesis("scratch", 2, "test.beam1", str(tmp_path / "tmp")) is None
     _finished_run(ctx, "scratch", 1, 11.0)  # rerun here: its fresh record is read, not the archived one
-    assert report.collect(ctx)["methods"]["scratch"]["bleu_greedy"] == 12.5
+    assert collect.collect(ctx)["methods"]["scratch"]["bleu_greedy"] == 12.5
 
 
 def test_an_archived_run_is_not_rerun_unless_another_tier_needs_its_checkpoint(tmp_path, monkeypatch):
@@ -241,7 +242,7 @@ def test_archive_finished_replaces_rebuilt_records_and_keeps_real_ones(tmp_path)
 
 
 def test_bootstrap_pairs_each_system_on_the_lowest_seed_both_have(tmp_path):
-    import report
+    import collect
 
     text = tmp_path / "text"
     text.mkdir()
@@ -254,8 +255,8 @@ def test_bootstrap_pairs_each_system_on_the_lowest_seed_both_have(tmp_path):
     rec, d = _finished_run(ctx, "scratch", 3, 1.0, worse)
     ctx.archive.save_run(rec, d)
     _finished_run(ctx, "word_kd", 3, 2.0, refs)  # word_kd has seed 3 only: its pair is seed 3
-    present = report.collect(ctx)["methods"]
-    got = report.bootstrap(ctx, present)
+    present = collect.collect(ctx)["methods"]
+    got = collect.bootstrap(ctx, present)
     greedy = [b for b in got if b["decode"] == "greedy"]
     assert [(b["baseline"], b["system"], b["seed"]) for b in greedy] == [("scratch", "word_kd", 3)]
     assert greedy[0]["bleu"] == 100.0 and greedy[0]["baseline_bleu"] < 100.0

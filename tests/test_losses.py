@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-from fairseq_imitkd.losses import agreement, hard_cross_entropy, soft_cross_entropy, word_kd_loss
+from fairseq_imitkd.losses import (
+    agreement,
+    hard_cross_entropy,
+    imitkd_loss,
+    imitkd_targets,
+    soft_cross_entropy,
+    word_kd_loss,
+)
 
 
 def _lprobs(n=7, v=11, seed=0, scale=3.0):
@@ -101,3 +108,37 @@ def test_length_groups_split_where_it_saves_cells():
     # lengths that are nearly equal are not worth a second pass
     assert length_groups(torch.tensor([10, 11, 12, 12])) == [(None, 12)]
     assert length_groups(torch.tensor([5])) == [(None, 5)]
+
+
+def test_imitkd_targets_take_the_teachers_action_on_student_prefixes_only():
+    gold = torch.tensor([3, 4, 5, 6])
+    argmax = torch.tensor([7, 4, 8, 9])
+    on_policy = torch.tensor([True, True, False, False])
+    assert imitkd_targets(gold, argmax, on_policy).tolist() == [7, 4, 5, 6]
+    assert imitkd_targets(gold, argmax, torch.ones(4, dtype=torch.bool)).tolist() == argmax.tolist()  # token mixing
+
+
+def test_imitkd_argmax_loss_is_the_nll_of_the_mixed_targets():
+    s = _lprobs(4, 11, seed=20)
+    gold, argmax = torch.tensor([0, 1, 2, 3]), torch.tensor([5, 6, 7, 8])
+    on_policy = torch.tensor([True, False, True, False])
+    expected = -(s[0, 5] + s[1, 1] + s[2, 7] + s[3, 3])
+    got = imitkd_loss(s, "argmax", teacher_argmax=argmax, gold=gold, on_policy=on_policy)
+    torch.testing.assert_close(got, expected)
+    # smoothed as fairseq smooths: (1 - ε - ε/(V-1))·nll + ε/(V-1)·Σ_v -log p(v)
+    eps, V = 0.1, 11
+    smooth = -s.sum()
+    torch.testing.assert_close(
+        imitkd_loss(s, "argmax", teacher_argmax=argmax, gold=gold, on_policy=on_policy, epsilon=eps),
+        (1 - eps - eps / (V - 1)) * expected + eps / (V - 1) * smooth)
+
+
+def test_imitkd_full_loss_ignores_the_prefix_kind_and_is_never_smoothed():
+    s, t = _lprobs(5, 9, seed=21), _lprobs(5, 9, seed=22)
+    expected = -(t.exp() * s).sum()
+    for on_policy in (torch.zeros(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool)):
+        got = imitkd_loss(s, "full", teacher_lprobs=t, teacher_argmax=t.argmax(-1), gold=torch.zeros(5).long(),
+                          on_policy=on_policy, epsilon=0.1)
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="argmax, full"):
+        imitkd_loss(s, "both", teacher_lprobs=t)

@@ -7,7 +7,6 @@ import argparse
 import copy
 import math
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,6 +30,7 @@ from fairseq.modules import FairseqDropout  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
 from fairseq_imitkd.rollout import STRATEGIES, Rollout, max_rollout_len, rollout  # noqa: E402
+from fairseq_imitkd.teacher import Teacher  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +279,7 @@ def test_beta_one_follows_teacher_greedy_without_running_student(student, teache
     layers = list(student.encoder.layers) + list(student.decoder.layers)
     handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in layers]
     try:
-        mixed = rollout(student, src_tokens, src_lengths, teacher_models=[teacher], teacher_prob=1.0, max_len_b=40)
+        mixed = rollout(student, src_tokens, src_lengths, teacher=Teacher([teacher]), teacher_prob=1.0, max_len_b=40)
         student_calls = len(calls)
         rollout(student, src_tokens[:2], src_lengths[:2], max_len_b=1)  # the probe does see the student
     finally:
@@ -296,7 +296,7 @@ def test_beta_zero_follows_student(student, teacher, tgt_dict, batch, sampling):
     torch.manual_seed(4)
     alone = rollout(student, src_tokens, src_lengths, sampling=sampling, max_len_b=20)
     torch.manual_seed(4)
-    mixed = rollout(student, src_tokens, src_lengths, sampling=sampling, max_len_b=20, teacher_models=[teacher])
+    mixed = rollout(student, src_tokens, src_lengths, sampling=sampling, max_len_b=20, teacher=Teacher([teacher]))
     assert torch.equal(alone.tokens, mixed.tokens) and torch.equal(alone.lengths, mixed.lengths)
     assert alone.teacher_lprobs is None and mixed.teacher_lprobs is not None
     teacher_greedy = rollout(teacher, src_tokens, src_lengths, max_len_b=20)
@@ -325,7 +325,7 @@ def test_mixed_rollout_returns_teacher_forced_lprobs(student, teacher, tgt_dict,
     torch.manual_seed(7)
     ro = rollout(
         student, src_tokens, src_lengths, sampling="topk", topk=10, max_len_b=25,
-        teacher_models=[teacher], teacher_prob=0.5, teacher_sample=teacher_sample,
+        teacher=Teacher([teacher]), teacher_prob=0.5, teacher_sample=teacher_sample,
     )
     check_layout(ro, tgt_dict.eos(), tgt_dict.pad())
     mask = ro.tokens.ne(tgt_dict.pad())
@@ -345,7 +345,7 @@ def test_intermediate_beta_mixes_both_policies(student, teacher, tgt_dict, batch
     src_tokens, src_lengths = batch
     max_len = 15
     torch.manual_seed(8)
-    ro = rollout(student, src_tokens, src_lengths, teacher_models=[teacher], teacher_prob=0.5, max_len_b=max_len)
+    ro = rollout(student, src_tokens, src_lengths, teacher=Teacher([teacher]), teacher_prob=0.5, max_len_b=max_len)
     with torch.no_grad():
         s_lprobs = student.get_normalized_probs(student(src_tokens, src_lengths, ro.prev_output_tokens), log_probs=True)
     mask = ro.tokens.ne(tgt_dict.pad())
@@ -364,7 +364,7 @@ def test_intermediate_beta_mixes_both_policies(student, teacher, tgt_dict, batch
 
 def test_keep_teacher_lprobs_false_returns_argmax_only(student, teacher, batch):
     src_tokens, src_lengths = batch
-    kwargs = dict(teacher_models=[teacher], teacher_prob=0.3, max_len_b=15)
+    kwargs = dict(teacher=Teacher([teacher]), teacher_prob=0.3, max_len_b=15)
     torch.manual_seed(9)
     full = rollout(student, src_tokens, src_lengths, **kwargs)
     torch.manual_seed(9)
@@ -378,7 +378,7 @@ def test_teacher_ensemble_is_averaged_in_probability_space(bundle, student, teac
     src_tokens, src_lengths = batch
     other = build_tiny(bundle, seed=1)
     torch.manual_seed(10)
-    ro = rollout(student, src_tokens, src_lengths, teacher_models=[teacher, other], teacher_prob=0.5, max_len_b=12)
+    ro = rollout(student, src_tokens, src_lengths, teacher=Teacher([teacher, other]), teacher_prob=0.5, max_len_b=12)
     expected = teacher_forced_lprobs([teacher, other], src_tokens, src_lengths, ro.prev_output_tokens)
     mask = ro.tokens.ne(tgt_dict.pad())
     assert torch.allclose(ro.teacher_lprobs, expected[mask], atol=1e-4, rtol=0)
@@ -387,7 +387,7 @@ def test_teacher_ensemble_is_averaged_in_probability_space(bundle, student, teac
 def test_low_precision_teacher_gives_float32_lprobs(student, teacher, tgt_dict, batch):
     src_tokens, src_lengths = batch
     half = copy.deepcopy(teacher).to(torch.bfloat16)
-    ro = rollout(student, src_tokens[:8], src_lengths[:8], teacher_models=[half], teacher_prob=0.5, max_len_b=8)
+    ro = rollout(student, src_tokens[:8], src_lengths[:8], teacher=Teacher([half]), teacher_prob=0.5, max_len_b=8)
     assert ro.teacher_lprobs.dtype == torch.float32
     expected = teacher_forced_lprobs([teacher], src_tokens[:8], src_lengths[:8], ro.prev_output_tokens)
     mask = ro.tokens.ne(tgt_dict.pad())
@@ -406,9 +406,9 @@ def test_low_precision_teacher_gives_float32_lprobs(student, teacher, tgt_dict, 
         ({"sampling": "topk", "temperature": 0.0}, "temperature"),
         ({"temperature": -1.0}, "temperature"),
         ({"topk": -1}, "topk"),
-        ({"teacher_prob": 1.5, "teacher_models": "T"}, r"\[0, 1\]"),
-        ({"teacher_prob": -0.1, "teacher_models": "T"}, r"\[0, 1\]"),
-        ({"teacher_prob": 0.5}, "needs teacher_models"),
+        ({"teacher_prob": 1.5, "teacher": "T"}, r"\[0, 1\]"),
+        ({"teacher_prob": -0.1, "teacher": "T"}, r"\[0, 1\]"),
+        ({"teacher_prob": 0.5}, "needs a teacher"),
         ({"max_len_b": 0}, "maximum rollout length"),
         ({"max_len_b": 3, "min_len": 4}, "min_len"),
         ({"min_len": -1}, "min_len"),
@@ -417,19 +417,26 @@ def test_low_precision_teacher_gives_float32_lprobs(student, teacher, tgt_dict, 
 def test_invalid_arguments(teacher, batch, kwargs, match):
     src_tokens, src_lengths = batch
     if kwargs.get("teacher_models") == "T":
-        kwargs = dict(kwargs, teacher_models=[teacher])
+        kwargs = dict(kwargs, teacher=Teacher([teacher]))
     with pytest.raises(ValueError, match=match):
         rollout(teacher, src_tokens, src_lengths, **kwargs)
 
 
 def test_teacher_with_another_dictionary_is_rejected(teacher, batch):
     src_tokens, src_lengths = batch
-    dictionary = copy.deepcopy(teacher.decoder.dictionary)
-    dictionary.add_symbol("extra-symbol")
-    other = SimpleNamespace(decoder=SimpleNamespace(dictionary=dictionary))
-    with pytest.raises(ValueError, match="share one target dictionary"):
-        rollout(teacher, src_tokens, src_lengths, teacher_models=[other], teacher_prob=0.5)
+    other = copy.deepcopy(teacher)
+    other.decoder.dictionary = copy.deepcopy(teacher.decoder.dictionary)
+    other.decoder.dictionary.add_symbol("extra-symbol")
+    with pytest.raises(ValueError, match="target dictionary mismatch.*first difference at index"):
+        rollout(teacher, src_tokens, src_lengths, teacher=Teacher([other]), teacher_prob=0.5)
 
 
-def test_strategies_constant():
-    assert STRATEGIES == ("greedy", "topk")
+@pytest.mark.parametrize("sampling", STRATEGIES)
+def test_every_strategy_the_criterion_offers_decodes(teacher, tgt_dict, batch, sampling):
+    from fairseq_imitkd.criterions.imitkd import ImitKDConfig
+
+    offered = ImitKDConfig.__dataclass_fields__["imitkd_sampling"].type
+    assert sampling in list(offered) and len(list(offered)) == len(STRATEGIES)
+    src_tokens, src_lengths = batch
+    check_layout(rollout(teacher, src_tokens, src_lengths, sampling=sampling, max_len_b=6),
+                 tgt_dict.eos(), tgt_dict.pad())

@@ -24,14 +24,14 @@ N = 100
 
 def seqkd(*args) -> dict:
     """Run the builder in-process; its summary (which shards were decoded, reused, merged; the stats)."""
-    from fairseq_imitkd.cli.seqkd import build, get_parser
+    from fairseq_imitkd.seqkd.cli import build, get_parser
 
     return build(get_parser().parse_args([str(a) for a in args]))
 
 
 def seqkd_main(capsys, *args):
     """Run the console entry point; its exit code and stderr."""
-    from fairseq_imitkd.cli.seqkd import main
+    from fairseq_imitkd.seqkd.cli import main
 
     capsys.readouterr()
     code = main([str(a) for a in args])
@@ -39,7 +39,7 @@ def seqkd_main(capsys, *args):
 
 
 def tokens(prefix: Path):
-    from fairseq_imitkd.seqkd import read_indexed
+    from fairseq_imitkd.seqkd.corpus_files import read_indexed
 
     return read_indexed(str(prefix))
 
@@ -138,12 +138,23 @@ def test_seq_inter_picks_the_best_sentence_bleu_of_the_nbest(small_data, teacher
     assert any(changed)  # the toy teacher's n-best does hold better candidates than its top
 
 
-def test_shards_resume_and_merge_to_the_one_shard_corpus(small_data, teacher, seqkd_top, tmp_path):
+def _status(capsys, *args) -> str:
+    """What ``imitkd-seqkd ... --status`` prints (the word scripts test)."""
+    from fairseq_imitkd.seqkd.cli import main
+
+    capsys.readouterr()
+    assert main([str(a) for a in args] + ["--status"]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_shards_resume_and_merge_to_the_one_shard_corpus(small_data, teacher, seqkd_top, tmp_path, capsys):
     out = tmp_path / "sharded"
     args = [small_data, "-o", out, "--teacher-path", teacher, *RUN, "--num-shards", 3]
+    assert _status(capsys, *args) == "missing"
     first = seqkd(*args, "--shard-id", 0)
     assert first["decoded_shards"] == [0] and first["missing_shards"] == [1, 2] and not first["merged"]
     assert not (out / "train.src-tgt.tgt.bin").exists()
+    assert _status(capsys, *args) == "partial"
     assert seqkd(*args, "--shard-id", 1)["missing_shards"] == [2]
     assert seqkd(*args, "--shard-id", 1)["decoded_shards"] == []  # finished shards are never redone
     last = seqkd(*args, "--shard-id", 2)
@@ -171,6 +182,7 @@ def test_shards_resume_and_merge_to_the_one_shard_corpus(small_data, teacher, se
     before = snapshot(out)
     done = seqkd(*args)
     assert done["decoded_shards"] == [] and not done["merged"] and snapshot(out) == before
+    assert _status(capsys, *args) == "cached" and snapshot(out) == before  # --status writes nothing
 
 
 def test_fairseq_train_trains_on_the_corpus(seqkd_top, tmp_path):
@@ -235,6 +247,8 @@ def test_output_holding_another_corpus_is_left_alone(small_data, teacher, seqkd_
     before = snapshot(out)
     code, err = seqkd_main(capsys, small_data, "-o", out, "--teacher-path", teacher, "--beam", 3, *RUN)
     assert code == 2 and "different seq-KD corpus" in err and "beam: 3 now, 5 there" in err, err
+    assert _status(capsys, small_data, "-o", out, "--teacher-path", teacher, "--beam", 3, *RUN) == "stale"
+    assert _status(capsys, small_data, "-o", out, "--teacher-path", teacher, *RUN) == "cached"
     assert snapshot(out) == before
     # a directory that is no seq-KD corpus at all (the input data, here) and the input itself
     code, err = seqkd_main(capsys, small_data, "-o", small_data, "--teacher-path", teacher, *RUN)
@@ -243,6 +257,7 @@ def test_output_holding_another_corpus_is_left_alone(small_data, teacher, seqkd_
     shutil.copytree(small_data, other)
     code, err = seqkd_main(capsys, small_data, "-o", other, "--teacher-path", teacher, *RUN)
     assert code == 2 and "seqkd_manifest.json" in err, err
+    assert _status(capsys, small_data, "-o", other, "--teacher-path", teacher, *RUN) == "foreign"
     # --overwrite replaces the other corpus
     assert seqkd(small_data, "-o", out, "--teacher-path", teacher, "--beam", 3, "--overwrite", *RUN)["merged"]
     assert json.loads((out / "seqkd_manifest.json").read_text())["settings"]["beam"] == 3

@@ -10,6 +10,11 @@ from typing import List, Optional
 
 logger = logging.getLogger("multi30k.data")
 
+# the inputs every benchmark reads by default: ../shared beside the repository
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
+                      "shared")
+DEFAULT_TEXT_DIR = os.path.join(SHARED, "data", "multi30k")
+DEFAULT_TEACHER_DIR = os.path.join(SHARED, "teachers", "multi30k_de_en")
 SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}  # fairseq split -> Multi30k file stem
 SRC, TGT = "de", "en"
 
@@ -81,7 +86,7 @@ def build_corpus(name: str, bin_dir: str, teacher_dir: str, work: str, log_dir: 
     out = os.path.join(work, name)
     if os.path.isfile(os.path.join(out, "seqkd_stats.json")):
         return out
-    run_logged([sys.executable, "-m", "fairseq_imitkd.cli.seqkd", bin_dir, "-o", out,
+    run_logged([sys.executable, "-m", "fairseq_imitkd.seqkd", bin_dir, "-o", out,
                 "--teacher-path", os.path.join(teacher_dir, "checkpoint.pt"), "--teacher-data", teacher_dir,
                 "--split", "train", "--beam", "5", "--max-tokens", "8000", "--num-shards", "4",
                 "--no-progress-bar"] + CORPORA[name] + device_args,

@@ -5,7 +5,7 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 import sacrebleu
-from fairseq_imitkd import generate_output
+from fairseq_generate_io import generate_args, output_lengths, parse_speed, read_hypotheses, read_lines
 
 from data import run_logged
 
@@ -14,16 +14,6 @@ from data import run_logged
 MAX_LEN = (1.2, 10)
 # what a user gets from fairseq-generate without length options: a = 0, b = 200
 DEFAULT_MAX_LEN = (0.0, 200)
-
-
-def output_lengths(lines: Sequence[str]) -> Dict[int, int]:
-    """Sample id -> tokens of its best hypothesis, EOS not counted (``P-`` lines score EOS too)."""
-    out = {}
-    for line in lines:
-        if line.startswith("P-"):
-            idx, scores = (line.rstrip("\n").split("\t", 1) + [""])[:2]
-            out.setdefault(int(idx[2:]), len(scores.split()) - 1)
-    return out
 
 
 def length_stats(lengths: Dict[int, int], src_lengths: Sequence[int], max_len: Sequence[float]) -> dict:
@@ -38,23 +28,17 @@ def generate(bin_dir: str, checkpoint: str, split: str, out_prefix: str, *, beam
              user_dir: str, device_args: List[str], env: Optional[dict] = None,
              max_len: Sequence[float] = MAX_LEN, src_lengths: Optional[Sequence[int]] = None) -> dict:
     """Decode one split; write ``out_prefix.hyp`` (detokenized, in corpus order); return speed figures
-    (and, given the source lengths in tokens, how many outputs ran to the length limit).
-
-    ``--required-batch-size-multiple 1``: with fairseq's default of 8 this fairseq build silently drops
-    the last partial batch. The speed is fairseq's own timer, which covers decoding and not loading.
-    """
+    (and, given the source lengths in tokens, how many outputs ran to the length limit)."""
     log_path = out_prefix + ".log"
     if os.path.exists(log_path):
         os.remove(log_path)
-    run_logged([sys.executable, "-m", "fairseq_cli.generate", bin_dir, "--user-dir", user_dir,
-                "--path", checkpoint, "--gen-subset", split, "--beam", str(beam), "--nbest", "1",
-                "--batch-size", str(batch_size), "--required-batch-size-multiple", "1",
-                "--max-len-a", str(max_len[0]), "--max-len-b", str(max_len[1]),
-                "--remove-bpe", "sentencepiece", "--num-workers", "0"] + device_args, log_path, env=env)
+    argv = generate_args(bin_dir, checkpoint, split=split, beam=beam, batch_size=batch_size, user_dir=user_dir,
+                         max_len=max_len, remove_bpe="sentencepiece", extra=device_args)
+    run_logged([sys.executable, "-m", "fairseq_cli.generate"] + argv, log_path, env=env)
     with open(log_path, encoding="utf-8") as f:
         lines = f.readlines()
-    hyps = generate_output.read_hypotheses(lines)
-    speeds = [s for s in map(generate_output.parse_speed, lines) if s]
+    hyps = read_hypotheses(lines)
+    speeds = [s for s in map(parse_speed, lines) if s]
     if not speeds:
         raise RuntimeError(f"no 'Translated ...' line in {log_path}")
     speed = speeds[-1]
@@ -67,11 +51,6 @@ def generate(bin_dir: str, checkpoint: str, split: str, out_prefix: str, *, beam
     if src_lengths is not None:
         out.update(length_stats(output_lengths(lines), src_lengths, max_len))
     return out
-
-
-def read_lines(path: str) -> List[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
 
 
 def bleu(hyp_path: str, ref_path: str) -> dict:

@@ -41,7 +41,6 @@ import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
 USER_DIR = os.path.join(REPO, "fairseq_imitkd")
 logger = logging.getLogger("multi30k")
 
@@ -50,8 +49,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tier", choices=sorted(methods.TIERS), default="quick", help="budget (default: %(default)s)")
-    p.add_argument("--text-dir", default=os.path.join(SHARED, "data", "multi30k"), help="Multi30k raw text")
-    p.add_argument("--teacher-dir", default=os.path.join(SHARED, "teachers", "multi30k_de_en"),
+    p.add_argument("--text-dir", default=data.DEFAULT_TEXT_DIR, help="Multi30k raw text")
+    p.add_argument("--teacher-dir", default=data.DEFAULT_TEACHER_DIR,
                    help="the teacher: checkpoint.pt, spm.model, dict.de.txt, dict.en.txt")
     p.add_argument("--workdir", default=os.path.join(HERE, "work"), help="data, corpora, checkpoints, logs")
     p.add_argument("--out-dir", default=HERE, help="where results*.json/.md/.png go")

@@ -53,14 +53,15 @@ read -r -a SEQKD_EXTRA <<< "${SEQKD_ARGS:-}"  # more imitkd-seqkd options, e.g. 
 corpus() {
   local name="$1"; shift
   local dir="$SEQKD_DIR/$name" state over=()
-  state="$(python "$RECIPE/scripts/corpus_state.py" "$dir" "$T")"
+  local args=("$DATA_BIN" -o "$dir" --teacher-path "$T" "${TDATA[@]}" --split train --beam "$SEQKD_BEAM" \
+    "${GEN_LEN[@]}" "${DEVICE[@]}" --no-progress-bar "${SEQKD_EXTRA[@]}" "$@")
+  state="$(imitkd-seqkd "${args[@]}" --status 2>/dev/null)" || state=error  # a build below names the problem
   if [ "$state" = cached ]; then
-    log "seq-KD corpus $dir: already built from this teacher, reused" ; echo "$dir"; return
+    log "seq-KD corpus $dir: already built with these settings, reused" ; echo "$dir"; return
   fi
-  [ "$state" = stale ] && { log "seq-KD corpus $dir was made by another teacher: rebuilding it"; over=(--overwrite); }
+  [ "$state" = stale ] && { log "seq-KD corpus $dir was made with other settings: rebuilding it"; over=(--overwrite); }
   mkdir -p "$SEQKD_DIR"
-  run_logged "$LOGS/seqkd_$name.log" imitkd-seqkd "$DATA_BIN" -o "$dir" --teacher-path "$T" "${TDATA[@]}" \
-    --split train --beam "$SEQKD_BEAM" "${GEN_LEN[@]}" "${DEVICE[@]}" --no-progress-bar "${over[@]}" "${SEQKD_EXTRA[@]}" "$@" >&2
+  run_logged "$LOGS/seqkd_$name.log" imitkd-seqkd "${args[@]}" "${over[@]}" >&2
   [ -f "$dir/seqkd_stats.json" ] || die "imitkd-seqkd did not finish $dir (see $LOGS/seqkd_$name.log)"
   echo "$dir"
 }

@@ -11,24 +11,27 @@ from dataclasses import dataclass, field
 
 import torch
 from fairseq.criterions import register_criterion
-from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
-from ..losses import hard_cross_entropy, soft_cross_entropy
+from .. import rollout as rollouts
+from .. import schedules
+from ..losses import IMITKD_TARGETS, imitkd_loss
 from ..rollout import rollout
-from ..schedules import CLOCKS, AgreementClock, check_schedule, shape
-from ..schedules import SCHEDULES as SCHEDULE_NAMES
+from ..schedules import AgreementClock, check_schedule, shape
 from ..schedules import beta as beta_at
 from ..scoring import length_groups, scored_log_probs
 from .kd_criterion import KDCriterion, check_range, summed
 
-TARGETS = ChoiceEnum(["argmax", "full"])
-MIXES = ChoiceEnum(["sequence", "token"])
-SCHEDULES = ChoiceEnum(list(SCHEDULE_NAMES))
-CLOCK_CHOICES = ChoiceEnum(list(CLOCKS))
-SAMPLINGS = ChoiceEnum(["greedy", "topk"])
+#: what ``--imitkd-mix`` chooses between: whole rows (the paper) or single steps (DAgger-style)
+MIXES = ("sequence", "token")
+# each choice list comes from the module that implements it
+TARGETS = ChoiceEnum(list(IMITKD_TARGETS))
+MIX_CHOICES = ChoiceEnum(list(MIXES))
+SCHEDULES = ChoiceEnum(list(schedules.SCHEDULES))
+CLOCK_CHOICES = ChoiceEnum(list(schedules.CLOCKS))
+SAMPLINGS = ChoiceEnum(list(rollouts.STRATEGIES))
 
 
 @dataclass
@@ -38,7 +41,7 @@ class ImitKDConfig(FairseqDataclass):
         metadata={"help": "argmax: the teacher's argmax on student prefixes, gold on data prefixes (ImitKD); "
                   "full: the teacher's whole distribution on every prefix (ImitKD+Full)"},
     )
-    imitkd_mix: MIXES = field(
+    imitkd_mix: MIX_CHOICES = field(
         default="sequence",
         metadata={"help": "sequence: each row keeps its data prefix with probability β, else the student's "
                   "rollout (the paper); token: at each step the teacher picks the token with probability β "
@@ -188,35 +191,27 @@ class ImitKDCriterion(KDCriterion):
         full_mask = target.ne(self.padding_idx)
         # Teacher and student passes run per length group (scoring.length_groups): the same sum over the
         # same positions, over fewer padded cells. Positions are concatenated group by group.
+        ids = sample.get("id")
         parts = []
         for rows, width in length_groups(full_mask.sum(1)):
             pick = (lambda x: x[:, :width]) if rows is None else (lambda x, rows=rows: x[rows, :width])
             src, src_len = (src_tokens, src_lengths) if rows is None else (src_tokens[rows], src_lengths[rows])
             mask = pick(full_mask)
             if token_mixed:
-                g_argmax = pick(ro.teacher_argmax)[mask]
                 g_teacher = ro.teacher_lprobs_at(rows) if ro.teacher_lprobs is not None else None
-                g_target = g_argmax
+                g_argmax = pick(ro.teacher_argmax)[mask]
+                g_on_policy = torch.ones_like(g_argmax, dtype=torch.bool)
             else:
-                g_teacher = teacher.log_probs(src, src_len, pick(prev), mask)
+                g_ids = ids if ids is None or rows is None else ids[rows]
+                g_teacher = teacher.log_probs(src, src_len, pick(prev), mask, ids=g_ids)
                 g_argmax = g_teacher.argmax(-1)
-                g_target = pick(target)[mask]
-                if self.target == "argmax":  # the teacher's action on student rows, gold on data rows
-                    g_rows = (on_policy if rows is None else on_policy[rows]).unsqueeze(1).expand_as(mask)[mask]
-                    g_target = torch.where(g_rows, g_argmax, g_target)
+                g_on_policy = (on_policy if rows is None else on_policy[rows]).unsqueeze(1).expand_as(mask)[mask]
             g_student = scored_log_probs(model, src, src_len, pick(prev), mask)
-            parts.append((g_student, g_teacher, g_argmax, g_target))
-        student = torch.cat([p[0] for p in parts])
-        teacher_lprobs = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
-        teacher_argmax = torch.cat([p[2] for p in parts])
-        target = torch.cat([p[3] for p in parts])
-
-        if self.target == "full":
-            loss = soft_cross_entropy(student, teacher_lprobs).sum()
-        elif self.eps > 0.0:
-            loss, _ = label_smoothed_nll_loss(student.float(), target, self.eps, reduce=True)
-        else:
-            loss = hard_cross_entropy(student, target).sum()
+            parts.append((g_student, g_teacher, g_argmax, pick(target)[mask], g_on_policy))
+        student, teacher_lprobs, teacher_argmax, gold, on_policy_pos = (
+            None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(5))
+        loss = imitkd_loss(student, self.target, teacher_lprobs=teacher_lprobs, teacher_argmax=teacher_argmax,
+                           gold=gold, on_policy=on_policy_pos, epsilon=self.eps)
 
         n_scored = int(full_mask.sum())
         n_agree = (student.argmax(-1) == teacher_argmax).sum().data
@@ -271,12 +266,11 @@ class ImitKDCriterion(KDCriterion):
 
     def _token_mixed(self, model, teacher, sample, beta):
         """Teacher and student decode side by side; the teacher acts with probability β at each step."""
-        with teacher.inference() as teacher_models:
-            ro = rollout(
-                model, sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"],
-                teacher_models=teacher_models, teacher_prob=beta, teacher_sample=self.teacher_sample,
-                keep_teacher_lprobs=self.target == "full", **self.rollout_args,
-            )
+        ro = rollout(
+            model, sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"], teacher=teacher,
+            teacher_prob=beta, teacher_sample=self.teacher_sample, keep_teacher_lprobs=self.target == "full",
+            **self.rollout_args,
+        )
         mask = ro.tokens.ne(self.padding_idx)
         target = ro.teacher_argmax.masked_fill(~mask, self.padding_idx)
         n_tokens = int(ro.lengths.sum())

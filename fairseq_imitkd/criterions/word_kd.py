@@ -44,7 +44,7 @@ class WordKDCriterion(KDCriterion):
         target = sample["target"]
         mask = target.ne(self.padding_idx)
         student = scored_log_probs(model, *inputs, mask)
-        teacher = self.teacher_for(model).log_probs(*inputs, mask)
+        teacher = self.teacher_for(model).log_probs(*inputs, mask, ids=sample.get("id"))
         loss, nll, kd = word_kd_loss(student, teacher, target[mask], self.alpha, self.temperature, self.eps)
         n_scored = int(mask.sum())
         sample_size = sample["target"].size(0) if self.sentence_avg else n_scored

@@ -10,14 +10,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
 from ..checkpoint_loading import read_checkpoint_lazily
-from ..teacher import (
-    Teacher,
-    TeacherError,
-    check_same_dictionary,
-    load_teacher,
-    resolve_teacher_data,
-    split_teacher_paths,
-)
+from ..teacher import TeacherBase, check_teacher_files, load_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +57,7 @@ class DistillationTask(TranslationTask):
         super().__init__(cfg, src_dict, tgt_dict)
         if cfg.teacher_fp16 and cfg.teacher_bf16:
             raise ValueError("--teacher-fp16 and --teacher-bf16 are exclusive")
-        self._teacher: Optional[Teacher] = None
+        self._teacher: Optional[TeacherBase] = None
         self._criterion = None
         self._resume_checked = False
 
@@ -78,17 +71,8 @@ class DistillationTask(TranslationTask):
 
     def check_teacher_files(self) -> None:
         """Fail fast, before any data is loaded, on a missing teacher or mismatched dictionaries."""
-        paths = split_teacher_paths(self.cfg.teacher_path)
-        if not paths:
-            raise TeacherError("this criterion distils from a teacher: pass --teacher-path CHECKPOINT")
-        langs = (self.cfg.source_lang, self.cfg.target_lang)
-        for path in paths:
-            if not os.path.isfile(path):
-                raise TeacherError(f"--teacher-path: no such file: {path}")
-            data = resolve_teacher_data(path, self.cfg.teacher_data, langs)
-            for role, ours, lang in (("source", self.src_dict, langs[0]), ("target", self.tgt_dict, langs[1])):
-                theirs = self.load_dictionary(os.path.join(data, f"dict.{lang}.txt"))
-                check_same_dictionary(role, ours, theirs, data)
+        check_teacher_files(self.cfg.teacher_path, self.cfg.teacher_data, self.cfg.source_lang, self.cfg.target_lang,
+                            self.src_dict, self.tgt_dict)
 
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg, from_checkpoint)
@@ -141,7 +125,7 @@ class DistillationTask(TranslationTask):
         criterion.load_schedule_state(schedule)
         logger.info("restored the β schedule state from %s: %s", path, schedule)
 
-    def teacher(self, device: torch.device) -> Teacher:
+    def teacher(self, device: torch.device) -> TeacherBase:
         """The frozen teacher on ``device``, loaded on first use."""
         if self._teacher is None:
             self._teacher = load_teacher(

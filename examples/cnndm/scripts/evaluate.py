@@ -17,7 +17,7 @@ import re
 import sys
 import time
 
-from fairseq_imitkd import generate_output
+from fairseq_generate_io import generate_args, read_hypotheses, read_lines, write_lines
 
 METRICS = ("rouge1", "rouge2", "rougeL")
 
@@ -35,7 +35,7 @@ def parse_ckpt(spec: str):
 
 def read_hyps(path: str, n: int, sp):
     with open(path, encoding="utf-8") as f:
-        pieces = generate_output.read_hypotheses(f, prefix="H-")
+        pieces = read_hypotheses(f, prefix="H-")
     hyps = [sp.decode_pieces(pieces[i].split()) if i in pieces else None for i in range(n)]
     missing = [i for i, h in enumerate(hyps) if h is None]
     if missing:
@@ -66,8 +66,7 @@ def main():
     from fairseq_cli import generate
 
     sp = spm.SentencePieceProcessor(model_file=a.spm_model)
-    with open(a.refs, encoding="utf-8") as f:
-        refs = [line.rstrip("\n") for line in f]
+    refs = read_lines(a.refs)
     scorer = rouge_scorer.RougeScorer(list(METRICS), use_stemmer=True)
     beams = [int(b) for b in a.beams.split(",") if b]
 
@@ -84,13 +83,10 @@ def main():
             sys.exit(f"evaluate.py: error: checkpoint not found: {path}")
         for beam in beams:
             out = os.path.join(a.results, name, f"beam{beam}")
-            argv = [a.data, "--user-dir", a.user_dir, "--task", "translation", "-s", a.source_lang,
-                    "-t", a.target_lang, "--path", path, "--gen-subset", "test", "--beam", str(beam),
-                    "--nbest", "1", "--max-len-a", "0", "--max-len-b", str(a.max_len_b),
-                    "--batch-size", str(a.batch_size), "--required-batch-size-multiple", "1",
-                    "--results-path", out, "--no-progress-bar", "--num-workers", "0"] + a.gen_args.split()
-            if a.cpu:
-                argv.append("--cpu")
+            argv = generate_args(a.data, path, beam=beam, batch_size=a.batch_size, user_dir=a.user_dir,
+                                 max_len=(0, a.max_len_b), results_path=out, cpu=a.cpu,
+                                 extra=["--task", "translation", "-s", a.source_lang, "-t", a.target_lang,
+                                        "--no-progress-bar", *a.gen_args.split()])
             print("+ fairseq-generate " + " ".join(argv), file=sys.stderr, flush=True)
             parser = options.get_generation_parser()
             args = options.parse_args_and_arch(parser, argv)
@@ -98,8 +94,7 @@ def main():
             generate.main(args)
             seconds = time.perf_counter() - t0
             hyps = read_hyps(os.path.join(out, "generate-test.txt"), len(refs), sp)
-            with open(os.path.join(out, "hyp.txt"), "w", encoding="utf-8") as f:
-                f.writelines(h + "\n" for h in hyps)
+            write_lines(os.path.join(out, "hyp.txt"), hyps)
             sums = dict.fromkeys(METRICS, 0.0)
             for ref, hyp in zip(refs, hyps):
                 for m, s in scorer.score(ref, hyp).items():

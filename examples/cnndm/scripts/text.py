@@ -14,6 +14,8 @@ import os
 import random
 import sys
 
+from fairseq_generate_io import read_lines, write_lines
+
 SRC, TGT = "article", "summary"
 SPLITS = ("train", "valid", "test")
 
@@ -39,17 +41,6 @@ def read_jsonl(path: str):
             except (ValueError, KeyError) as e:
                 fail(f"{path}:{n}: not a JSON object with 'article' and 'abstract' ({e})")
     return rows
-
-
-def write_lines(path: str, lines) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-
-
-def read_lines(path: str):
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
 
 
 def cmd_get(a):

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from fairseq_imitkd import generate_output
+from fairseq_generate_io import generate_args, parse_speed, read_hypotheses
 
 
 class Capture(logging.Handler):
@@ -48,25 +48,13 @@ def count_parameters(path: str) -> int:
     return total
 
 
-def read_hypotheses(path: str):
-    with open(path, encoding="utf-8") as f:
-        return generate_output.read_hypotheses(f)
-
-
 def generate_argv(args, path: str, beam: int, results_path: str):
-    argv = [args.data, "--user-dir", args.user_dir, "--task", "translation", "--source-lang", "de",
-            "--target-lang", "en", "--gen-subset", "test", "--path", path, "--beam", str(beam),
-            "--batch-size", str(args.batch_size), "--required-batch-size-multiple", "1",
-            "--remove-bpe", "sentencepiece", "--results-path", results_path, "--seed", "1",
-            # no loader worker: nothing to gain on 200-7000 short lines, and its shutdown costs 5 s per run
-            "--num-workers", "0"]
-    if args.cpu:
-        argv.append("--cpu")
-    if args.max_len_a is not None:
-        argv += ["--max-len-a", str(args.max_len_a)]
-    if args.max_len_b is not None:
-        argv += ["--max-len-b", str(args.max_len_b)]
-    return argv
+    lengths = [] if args.max_len_a is None else ["--max-len-a", str(args.max_len_a)]
+    lengths += [] if args.max_len_b is None else ["--max-len-b", str(args.max_len_b)]
+    return generate_args(args.data, path, beam=beam, batch_size=args.batch_size, user_dir=args.user_dir,
+                         remove_bpe="sentencepiece", results_path=results_path, cpu=args.cpu,
+                         extra=["--task", "translation", "--source-lang", "de", "--target-lang", "en", "--seed", "1",
+                                *lengths])
 
 
 _BASE_CFG = {}
@@ -103,11 +91,12 @@ def generate(args, name: str, path: str, beam: int, capture: Capture) -> dict:
     cfg = generation_config(args, path, beam, results_path)
     del capture.messages[:]
     scorer = fairseq_generate.main(cfg)
-    found = [m for m in capture.messages if generate_output.parse_speed(m)]
+    found = [m for m in capture.messages if parse_speed(m)]
     if not found:
         raise SystemExit(f"evaluate.py: fairseq-generate printed no 'Translated ...' line for {name} beam {beam}")
-    speed = generate_output.parse_speed(found[-1])
-    hyps = read_hypotheses(os.path.join(results_path, "generate-test.txt"))
+    speed = parse_speed(found[-1])
+    with open(os.path.join(results_path, "generate-test.txt"), encoding="utf-8") as f:
+        hyps = read_hypotheses(f)
     return {"command": command, "translated_line": found[-1], "sentences": speed["sentences"],
             "tokens": speed["tokens"], "seconds": speed["seconds"], "sentences_per_second": speed["sents_per_sec"],
             "tokens_per_second": speed["tokens_per_sec"], "tokenized_bleu": round(scorer.score(), 2),

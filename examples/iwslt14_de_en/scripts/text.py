@@ -15,6 +15,8 @@ import os
 import re
 import sys
 
+from fairseq_generate_io import read_lines, write_lines
+
 SRC, TGT = "de", "en"
 SPLITS = ("train", "valid", "test")
 # prepare-iwslt14.sh's test set, in its order
@@ -27,17 +29,6 @@ TRAIN_STRIP = re.compile(r"</?(title|description)>")
 def fail(msg: str) -> None:
     print(f"text.py: error: {msg}", file=sys.stderr)
     sys.exit(1)
-
-
-def read_lines(path: str):
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
-
-
-def write_lines(path: str, lines) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
 
 
 # --- Moses tokenization (sacremoses, the Python port of tokenizer.perl) -------------------------------------

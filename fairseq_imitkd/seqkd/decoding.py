@@ -1,31 +1,16 @@
-"""Sequence-level knowledge distillation corpora (Kim & Rush 2016): decoding and selection.
-
-Seq-KD replaces every training target by the teacher's beam output; Seq-Inter instead keeps, among the
-teacher's K-best, the candidate closest to the reference by smoothed sentence BLEU. This module holds the
-pieces ``imitkd-seqkd`` is built of, each usable alone: a contiguous shard of a split batched in fairseq's
-own length order, the decoding loop over one shard, the candidate selection, and the atomic writing and
-merging of fairseq's mmap ``.bin``/``.idx`` files. The CLI (``fairseq_imitkd.cli.seqkd``) adds the checks,
-the manifest and the resume logic.
-"""
-import logging
-import os
+"""Decoding one shard of a split with the teacher, and choosing each sentence's target (Seq-KD, Seq-Inter)."""
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from fairseq import utils
-from fairseq.data import BaseWrapperDataset, Dictionary, FairseqDataset, indexed_dataset
+from fairseq.data import BaseWrapperDataset, Dictionary, FairseqDataset
 from fairseq.logging import progress_bar
 
-logger = logging.getLogger(__name__)
+from . import SeqKDError
 
 SELECT_CHOICES = ("top", "sentence-bleu")
 SMOOTH_CHOICES = ("exp", "floor", "add-k", "none")
-
-
-class SeqKDError(ValueError):
-    """Bad input or output location for a seq-KD corpus; the message says what and how to fix it."""
 
 
 def shard_range(num_sentences: int, num_shards: int, shard_id: int) -> Tuple[int, int]:
@@ -141,43 +126,3 @@ def decode_shard(task, generator, models, dataset: FairseqDataset, lo: int, hi: 
     if missing:  # would misalign every later line: never write a corpus with a hole
         raise SeqKDError(f"{len(missing)} sentences of [{lo}, {hi}) got no output (first: #{missing[0]})")
     return [targets[i] for i in range(lo, hi)], stats
-
-
-def _tmp(path: str) -> str:
-    return f"{path}.tmp{os.getpid()}"
-
-
-def write_indexed(prefix: str, items: Sequence[torch.Tensor], vocab_size: int) -> None:
-    """Write ``prefix.{bin,idx}`` in mmap format, dtype sized to the vocabulary as fairseq-preprocess does.
-
-    Written under temporary names and renamed, so a reader (or a resumed run) never sees half a file.
-    """
-    _write_atomic(prefix, vocab_size, lambda builder: [builder.add_item(item) for item in items])
-
-
-def merge_indexed(prefix: str, parts: Sequence[str], vocab_size: int) -> None:
-    """Concatenate the mmap datasets ``parts`` (prefixes, in order) into ``prefix.{bin,idx}``, atomically."""
-    _write_atomic(prefix, vocab_size, lambda builder: [builder.merge_file_(part) for part in parts])
-
-
-def _write_atomic(prefix: str, vocab_size: int, fill) -> None:
-    data, index = indexed_dataset.data_file_path(prefix), indexed_dataset.index_file_path(prefix)
-    builder = indexed_dataset.make_builder(_tmp(data), impl="mmap", vocab_size=vocab_size)
-    try:
-        fill(builder)
-        builder.finalize(_tmp(index))
-    except BaseException:
-        for path in (_tmp(data), _tmp(index)):
-            if os.path.exists(path):
-                os.remove(path)
-        raise
-    os.replace(_tmp(data), data)
-    os.replace(_tmp(index), index)
-
-
-def read_indexed(prefix: str) -> List[np.ndarray]:
-    """All items of an mmap dataset as int64 arrays (for checks and tests)."""
-    if os.path.getsize(indexed_dataset.data_file_path(prefix)) == 0:  # numpy cannot memory-map an empty file
-        return []
-    ds = indexed_dataset.MMapIndexedDataset(prefix)
-    return [ds[i].numpy() for i in range(len(ds))]

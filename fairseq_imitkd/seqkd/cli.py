@@ -12,7 +12,8 @@ original order, and the other splits (valid/test) copied over.
 Work is split into contiguous shards under ``OUT/.shards/``; a finished shard has a completion marker
 and is never decoded again, so an interrupted or partial run (``--shard-id``) resumes where it stopped,
 and the corpus is merged once every shard is there. ``OUT/seqkd_manifest.json`` records what the corpus
-was made from, so that a rerun resumes only the same corpus and never mixes two.
+was made from, so that a rerun resumes only the same corpus and never mixes two; ``--status`` says what a
+build would find there (scripts reuse a finished corpus by it).
 
 Every check (data, split, teacher, dictionaries, output directory) runs before anything is written.
 
@@ -36,11 +37,8 @@ Seq-Inter choices:
   no credit for matching fragments of a wrong word. That is the setting we recommend and use.
 """
 import argparse
-import hashlib
-import json
 import logging
 import os
-import shutil
 import sys
 import time
 from typing import Dict, List, Optional
@@ -49,25 +47,30 @@ import torch
 from fairseq import utils
 from fairseq.data import data_utils, indexed_dataset
 from fairseq.dataclass.configs import GenerationConfig
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from ..seqkd import (
-    SELECT_CHOICES,
-    SMOOTH_CHOICES,
-    SentenceBleu,
-    SeqKDError,
-    decode_shard,
+from ..teacher import TeacherError, check_teacher_files, load_teacher, split_teacher_paths
+from . import SeqKDError
+from .corpus_files import (
+    MANIFEST,
+    SHARDS,
+    STATS,
+    ShardFiles,
+    clear_output,
+    copy_file,
+    copy_indexed,
+    file_identity,
+    file_stat,
     merge_indexed,
-    shard_range,
+    read_manifest,
+    read_stats,
     write_indexed,
+    write_json,
 )
-from ..tasks.distillation import DistillationConfig, DistillationTask
-from ..teacher import TeacherError, split_teacher_paths
+from .decoding import SELECT_CHOICES, SMOOTH_CHOICES, SentenceBleu, decode_shard, shard_range
 
-logger = logging.getLogger("fairseq_imitkd.cli.seqkd")
+logger = logging.getLogger("fairseq_imitkd.seqkd")
 
-MANIFEST = "seqkd_manifest.json"
-STATS = "seqkd_stats.json"
-SHARDS = ".shards"
 DEFAULT_COPY_SPLITS = ("valid", "test")
 DEFAULT_MAX_TOKENS = 12000  # fairseq-generate's default when neither --max-tokens nor --batch-size is given
 
@@ -127,6 +130,11 @@ def get_parser() -> argparse.ArgumentParser:
     r.add_argument("--shard-id", type=int, default=None,
                    help="decode only this shard (default: every unfinished shard); the corpus is merged once all exist")
     r.add_argument("--merge", action="store_true", help="decode nothing, merge the finished shards (all must exist)")
+    r.add_argument("--status", action="store_true",
+                   help="print the state of OUTPUT's corpus against these options and exit, without reading the "
+                   "teacher's weights: cached (built with these settings), partial (these settings, shards still to "
+                   "do: a rerun resumes), stale (another corpus: --overwrite replaces it), foreign (files that are "
+                   "not a corpus), missing (none)")
     r.add_argument("--overwrite", action="store_true",
                    help="replace a different corpus in OUTPUT (removes its manifest, stats, .shards/, dict.*.txt, "
                    "*.bin and *.idx; other files stay)")
@@ -218,15 +226,6 @@ def check_inputs(args) -> Dict[str, str]:
     return prefixes
 
 
-def file_identity(path: str) -> Dict[str, object]:
-    """A teacher's content identity: a copied or moved teacher is the same teacher, a retrained one is not."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"sha256": digest.hexdigest(), "size": os.path.getsize(path)}
-
-
 def corpus_settings(args, prefixes: Dict[str, str], num_sentences: int) -> Dict[str, object]:
     """Everything that decides the corpus's content. A rerun resumes only if these are equal.
 
@@ -258,17 +257,6 @@ def corpus_settings(args, prefixes: Dict[str, str], num_sentences: int) -> Dict[
     return settings
 
 
-def read_manifest(out: str) -> Optional[dict]:
-    path = os.path.join(out, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:
-        raise SeqKDError(f"{path} is not valid JSON ({e}): pass --overwrite to replace this directory's corpus")
-
-
 def check_output(args, settings: dict) -> Optional[dict]:
     """Refuse an output that would overwrite the input or another corpus; return a resumable manifest."""
     out = args.output
@@ -295,61 +283,6 @@ def check_output(args, settings: dict) -> Optional[dict]:
     return None if args.overwrite else manifest
 
 
-def clear_output(out: str) -> None:
-    """--overwrite: remove the previous corpus (fairseq data files and our records), nothing else."""
-    shutil.rmtree(os.path.join(out, SHARDS), ignore_errors=True)
-    for name in os.listdir(out):
-        path = os.path.join(out, name)
-        if os.path.isfile(path) and (name in (MANIFEST, STATS) or name.endswith((".bin", ".idx"))
-                                     or (name.startswith("dict.") and name.endswith(".txt"))):
-            os.remove(path)
-    logger.info("--overwrite: removed the previous corpus's files from %s", out)
-
-
-# --- files ----------------------------------------------------------------------------------------------
-
-
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def copy_file(src: str, dst: str) -> None:
-    tmp = f"{dst}.tmp{os.getpid()}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def copy_indexed(src_prefix: str, dst_prefix: str) -> None:
-    for path in (indexed_dataset.data_file_path, indexed_dataset.index_file_path):
-        copy_file(path(src_prefix), path(dst_prefix))
-
-
-class ShardFiles:
-    """Where shard ``i`` of ``n`` lives: ``OUT/.shards/shard{i}-of-{n}.{bin,idx}`` and its ``.json`` marker."""
-
-    def __init__(self, out: str, num_shards: int):
-        self.dir = os.path.join(out, SHARDS)
-        self.num_shards = num_shards
-
-    def prefix(self, i: int) -> str:
-        return os.path.join(self.dir, f"shard{i}-of-{self.num_shards}")
-
-    def marker(self, i: int) -> str:
-        return self.prefix(i) + ".json"
-
-    def done(self, i: int) -> bool:
-        """Finished: the marker is written last, after both data files are in place."""
-        return os.path.isfile(self.marker(i)) and indexed_dataset.dataset_exists(self.prefix(i), impl=None)
-
-    def read_marker(self, i: int) -> dict:
-        with open(self.marker(i), encoding="utf-8") as f:
-            return json.load(f)
-
-
 # --- the run ---------------------------------------------------------------------------------------------
 
 
@@ -360,16 +293,16 @@ def device_name(use_cuda: bool) -> str:
 
 
 def setup_task(args):
-    cfg = DistillationConfig(
+    """fairseq's translation task over DATA, and the one check of the teacher's files: they exist, and
+    their dictionaries (from --teacher-data or the checkpoint's defaults) equal DATA's symbol by symbol."""
+    cfg = TranslationConfig(
         data=args.data, source_lang=args.source_lang, target_lang=args.target_lang,
-        teacher_path=args.teacher_path, teacher_data=args.teacher_data, teacher_fp16=args.fp16,
         # the fields fairseq fills from its global config when it builds the task itself
         train_subset="train", dataset_impl=None, required_seq_len_multiple=1,
     )
-    task = DistillationTask.setup_task(cfg)
-    # the task's own fail-fast check: the teacher files exist, and their dictionaries (from --teacher-data
-    # or the checkpoint's defaults) equal DATA's symbol by symbol
-    task.check_teacher_files()
+    task = TranslationTask.setup_task(cfg)
+    check_teacher_files(args.teacher_path, args.teacher_data, args.source_lang, args.target_lang,
+                        task.source_dictionary, task.target_dictionary)
     return task
 
 
@@ -390,7 +323,7 @@ def build(args) -> dict:
 
     if manifest and manifest.get("merged") and not os.path.isdir(shards.dir) and not args.merge:
         logger.info("%s already holds this corpus, merged (its %s/ was removed): nothing to do", out, SHARDS)
-        return dict(summary, stats=_read_stats(out))
+        return dict(summary, stats=read_stats(out))
     if args.merge:
         todo = []
     elif args.shard_id is not None:
@@ -410,7 +343,9 @@ def build(args) -> dict:
     if todo:
         use_cuda = torch.cuda.is_available() and not args.cpu
         device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-        teacher = task.teacher(device)  # loads, checks the embedding rows, freezes
+        teacher = load_teacher(args.teacher_path, args.teacher_data, args.source_lang, args.target_lang,
+                               task.source_dictionary, task.target_dictionary)  # checks the embedding rows, freezes
+        teacher.to(device=device, dtype=torch.float16 if args.fp16 else None)
         models = teacher.models
         max_positions = utils.resolve_max_positions(task.max_positions(), *[m.max_positions() for m in models])
         _check_lengths(dataset, n, max_positions)
@@ -431,7 +366,7 @@ def build(args) -> dict:
         os.makedirs(shards.dir, exist_ok=True)
         if manifest is None:
             manifest = {"tool": "imitkd-seqkd", "settings": settings, "merged": False, "created": time.time(),
-                        "teacher_files": [_file_stat(p) for p in split_teacher_paths(args.teacher_path)]}
+                        "teacher_files": [file_stat(p) for p in split_teacher_paths(args.teacher_path)]}
             write_json(os.path.join(out, MANIFEST), manifest)
         elif manifest.get("merged"):  # the merged files go stale until the next merge, even if this run dies
             manifest["merged"] = False
@@ -466,7 +401,7 @@ def build(args) -> dict:
         summary["merged"] = True
     else:
         logger.info("%s already holds this corpus, merged: nothing to do", out)
-        stats = _read_stats(out)
+        stats = read_stats(out)
     summary["stats"] = stats
     return summary
 
@@ -525,19 +460,6 @@ def _aggregate(markers: List[dict], args, settings: dict, copied: List[str]) -> 
     return stats
 
 
-def _read_stats(out: str) -> Optional[dict]:
-    path = os.path.join(out, STATS)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _file_stat(path: str) -> dict:
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime}
-
-
 def _check_lengths(dataset, n: int, max_positions) -> None:
     """Every sentence must get a target: fail on one the teacher cannot take instead of skipping it."""
     import numpy as np
@@ -554,6 +476,24 @@ def _warn_if_pieces(tgt_dict, scorer: SentenceBleu) -> None:
     if scorer.remove_bpe is None and any(sym.startswith("\u2581") for sym in tgt_dict.symbols[:200]):
         logger.warning("the dictionary looks like sentencepiece pieces: sentence BLEU is scored on pieces. "
                        "Pass --remove-bpe sentencepiece to score detokenized words")
+
+
+def status(args) -> str:
+    """What a build with these options would find in OUTPUT (see --status)."""
+    check_options(args)
+    prefixes = check_inputs(args)
+    task = setup_task(args)
+    task.load_dataset(args.split)
+    settings = corpus_settings(args, prefixes, len(task.dataset(args.split)))
+    out = args.output
+    if not os.path.isdir(out) or not os.listdir(out):
+        return "missing"
+    manifest = read_manifest(out)
+    if manifest is None:
+        return "foreign"
+    if manifest.get("settings") != settings:
+        return "stale"
+    return "cached" if manifest.get("merged") and read_stats(out) is not None else "partial"
 
 
 def format_summary(summary: dict) -> str:
@@ -582,6 +522,9 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S", level=logging.INFO, stream=sys.stderr, force=True)
     try:
+        if args.status:
+            print(status(args))
+            return 0
         summary = build(args)
     except (SeqKDError, TeacherError) as e:
         print(f"imitkd-seqkd: error: {e}", file=sys.stderr)

@@ -1,0 +1,160 @@
+"""Every finished run of a tier, from the work directory and the archive: per-method means, spreads and
+per-seed figures, and the paired bootstrap between methods."""
+import glob
+import json
+import os
+from typing import Dict, List, Optional
+
+import evaluate
+import methods
+
+# greedy test decodes whose output lengths are reported: with the benchmark's cap, and as users decode
+LENGTH_DECODES = {"test.beam1": "capped", "test.beam1.nolimit": "nolimit"}
+
+
+def _read(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return round(a / b, 2) if a and b else None
+
+
+def collect(ctx) -> dict:
+    speed_dir = os.path.join(ctx.tier_dir, "speed")
+    speed = ctx.archive.speed()
+    if os.path.isdir(speed_dir):
+        speed.update({f[:-5]: _read(os.path.join(speed_dir, f)) for f in sorted(os.listdir(speed_dir))
+                      if f.endswith(".json")})
+    teacher = speed.get("teacher", {})
+    t_beam = teacher.get("beam5_b64", {}).get("sents_per_sec")
+    archived = ctx.archive.runs()
+    out_methods: Dict[str, dict] = {}
+    for m in methods.ALL:  # every finished run of this tier, whichever invocation (or session) made it
+        seeds = ctx.tier["seeds"][m]
+        runs = {s: r for (am, s), r in archived.items() if am == m}
+        found = glob.glob(os.path.join(ctx.run_dir(m, "*"), "result.json"))
+        runs.update({r["seed"]: r for r in map(_read, found) if r["method"] == m})  # imitkd_s* finds imitkd_star
+        if not runs:
+            continue
+        rec = dict(label=methods.ALL[m]["label"], data=methods.ALL[m]["data"], seeds=sorted(runs),
+                   seeds_planned=seeds)
+        for key in ("bleu_greedy", "bleu_beam5", "bleu_greedy_nolimit", "val_bleu_selection", "val_bleu_greedy",
+                    "sec_per_update", "train_total_s"):
+            values = [r[key] for r in runs.values() if r.get(key) is not None]  # older runs lack nolimit
+            if not values:
+                continue
+            stats = evaluate.mean_std(values)
+            rec[key] = stats["mean"]
+            if len(values) > 1:
+                rec[key + "_stats"] = stats
+        for name, tag in LENGTH_DECODES.items():
+            for stat in ("at_limit_share", "len_ratio"):
+                values = [r["length"][name][stat] for r in runs.values() if name in r.get("length", {})]
+                if values:
+                    rec[f"{stat}_{tag}"] = round(sum(values) / len(values), 4)
+        rec["per_seed"] = {str(s): {k: r.get(k) for k in ("bleu_greedy", "bleu_beam5", "bleu_greedy_nolimit",
+                                                           "val_bleu_selection", "val_bleu_greedy", "best_update",
+                                                           "sec_per_update", "train_total_s", "updates", "length")}
+                           for s, r in runs.items()}
+        sp = speed.get(m, {})
+        rec["student_sents_per_sec"] = sp.get("greedy_b64", {}).get("sents_per_sec")
+        rec["student_sents_per_sec_beam5"] = sp.get("beam5_b64", {}).get("sents_per_sec")
+        rec["student_sents_per_sec_batch1"] = sp.get("greedy_b1", {}).get("sents_per_sec")
+        rec["speedup_greedy_vs_teacher_beam5"] = ratio(rec["student_sents_per_sec"], t_beam)
+        rec["speedup_beam5_vs_teacher_beam5"] = ratio(rec["student_sents_per_sec_beam5"], t_beam)
+        rec["command"] = runs[min(runs)]["command"]
+        rec["cpus"] = sorted({r["cpu"] for r in runs.values() if r.get("cpu")})
+        if any("restored" in r for r in runs.values()):
+            rec["seeds_restored"] = sorted(s for s, r in runs.items() if "restored" in r)
+        out_methods[m] = rec
+    return dict(methods={m: r for m, r in out_methods.items() if m in methods.METHODS},
+                ablations={m: r for m, r in out_methods.items() if m in methods.ABLATIONS}, teacher=teacher, speed=speed)
+
+
+BOOTSTRAP_DECODES = (("greedy", "test.beam1"), ("beam5", "test.beam5"), ("greedy_nolimit", "test.beam1.nolimit"))
+BOOTSTRAP_ORDER = {d: i for i, (d, _name) in enumerate(BOOTSTRAP_DECODES)}
+
+
+def _hypothesis(ctx, method: str, seed: int, decode: str, scratch_dir: str) -> Optional[str]:
+    path = os.path.join(ctx.run_dir(method, seed), decode + ".hyp")
+    return path if os.path.exists(path) else ctx.archive.hypothesis(method, seed, decode, scratch_dir)
+
+
+def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
+    """Paired bootstrap of every method against scratch and of every ImitKD variant against word_kd and
+    against seqkd, each pair on the test outputs of the lowest seed that both have."""
+    import tempfile
+
+    ref = os.path.join(ctx.args.text_dir, "test_2016_flickr.en")
+    pairs = [("scratch", m) for m in present if m != "scratch"]
+    pairs += [(base, m) for base in ("word_kd", "seqkd") for m in present if m.startswith("imitkd")]
+    out = []
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        for decode, name in BOOTSTRAP_DECODES:
+            for base in ("scratch", "word_kd", "seqkd"):
+                by_seed: Dict[int, Dict[str, str]] = {}  # seed -> {system: outputs}
+                base_hyps = {}
+                for b, m in pairs:
+                    if b != base or base not in present:
+                        continue
+                    for seed in sorted(set(present[base]["seeds"]) & set(present[m]["seeds"])):
+                        if seed not in base_hyps:
+                            base_hyps[seed] = _hypothesis(ctx, base, seed, name, scratch_dir)
+                        hyp = _hypothesis(ctx, m, seed, name, scratch_dir)
+                        if base_hyps[seed] and hyp:
+                            by_seed.setdefault(seed, {})[m] = hyp
+                            break
+                for seed, hyps in sorted(by_seed.items()):
+                    res = evaluate.paired_bootstrap(base_hyps[seed], hyps, ref)
+                    out.extend(dict(decode=decode, baseline=base, system=m, seed=seed, **res[m]) for m in hyps)
+    # rows computed by an earlier session on outputs that were not kept, for the seeds they were on
+    done = {(b["decode"], b["baseline"], b["system"], b["seed"]) for b in out}
+    out += [b for b in ctx.archive.bootstrap() if (b["decode"], b["baseline"], b["system"], b["seed"]) not in done
+            and b["baseline"] in present and b["system"] in present]
+    return sorted(out, key=lambda b: (BOOTSTRAP_ORDER[b["decode"]], b["baseline"] != "scratch", b["baseline"],
+                                      b["system"], b["seed"]))
+
+
+def signature(ctx, present: Dict[str, dict]) -> Optional[str]:
+    """sacreBLEU's signature from a run's result, for a tier that did not decode the teacher."""
+    for m, r in present.items():
+        path = os.path.join(ctx.run_dir(m, r["seeds"][0]), "result.json")
+        rec = _read(path) if os.path.exists(path) else ctx.archive.runs().get((m, r["seeds"][0]), {})
+        if rec.get("sacrebleu_signature"):
+            return rec["sacrebleu_signature"]
+    return None
+
+
+def cpus(present: Dict[str, dict]) -> str:
+    """The processors the runs trained on (a tier completed over several sessions may have had several)."""
+    names = sorted({c for r in present.values() for c in r.get("cpus", [])}) or [evaluate.cpu_name()]
+    return " and ".join(names)
+
+
+def median(values: List[Optional[float]]) -> Optional[float]:
+    import statistics
+
+    values = [v for v in values if v]
+    return round(statistics.median(values), 1) if values else None
+
+
+def compared(invocation: dict) -> bool:
+    """Whether an invocation of run.py ran any compared method (not only ablations)."""
+    return bool(set(invocation.get("methods", methods.METHODS)) & set(methods.METHODS))
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def corpora_seconds(ctx) -> Dict[str, float]:
+    out = ctx.archive.corpus_seconds()
+    for name in ("seqkd", "seqinter"):
+        p = os.path.join(ctx.work, name, "seqkd_stats.json")
+        if os.path.exists(p):
+            out[name] = _read(p)["seconds"]
+    return out

@@ -1,0 +1,15 @@
+"""Sequence-level knowledge distillation corpora (Kim & Rush 2016), the ``imitkd-seqkd`` command.
+
+Seq-KD replaces every training target by the teacher's beam output; Seq-Inter instead keeps, among the
+teacher's K-best, the candidate closest to the reference by smoothed sentence BLEU.
+
+- ``decoding``: a contiguous shard of a split batched in fairseq's own length order, the decoding loop over
+  one shard, and the candidate selection;
+- ``corpus_files``: the files of a corpus directory (shards and their markers, the manifest, fairseq's mmap
+  ``.bin``/``.idx`` written atomically, merged and copied);
+- ``cli``: the command line, its checks, and the build and resume logic.
+"""
+
+
+class SeqKDError(ValueError):
+    """Bad input or output location for a seq-KD corpus; the message says what and how to fix it."""
