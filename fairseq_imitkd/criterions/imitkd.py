@@ -190,9 +190,10 @@ class ImitKDCriterion(KDCriterion):
             prev, target, on_policy, stats = self._sequence_mixed(model, sample, beta)
         full_mask = target.ne(self.padding_idx)
         # Teacher and student passes run per length group (scoring.length_groups): the same sum over the
-        # same positions, over fewer padded cells. Positions are concatenated group by group.
+        # same positions, over fewer padded cells. The loss is a sum over positions, so it is summed group by
+        # group: the groups' (N, V) log-probs are never concatenated (a copy of each, and of its gradient).
         ids = sample.get("id")
-        parts = []
+        loss, n_agree = 0.0, 0
         for rows, width in length_groups(full_mask.sum(1)):
             pick = (lambda x: x[:, :width]) if rows is None else (lambda x, rows=rows: x[rows, :width])
             src, src_len = (src_tokens, src_lengths) if rows is None else (src_tokens[rows], src_lengths[rows])
@@ -207,14 +208,11 @@ class ImitKDCriterion(KDCriterion):
                 g_argmax = g_teacher.argmax(-1)
                 g_on_policy = (on_policy if rows is None else on_policy[rows]).unsqueeze(1).expand_as(mask)[mask]
             g_student = scored_log_probs(model, src, src_len, pick(prev), mask)
-            parts.append((g_student, g_teacher, g_argmax, pick(target)[mask], g_on_policy))
-        student, teacher_lprobs, teacher_argmax, gold, on_policy_pos = (
-            None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(5))
-        loss = imitkd_loss(student, self.target, teacher_lprobs=teacher_lprobs, teacher_argmax=teacher_argmax,
-                           gold=gold, on_policy=on_policy_pos, epsilon=self.eps)
+            loss = loss + imitkd_loss(g_student, self.target, teacher_lprobs=g_teacher, teacher_argmax=g_argmax,
+                                      gold=pick(target)[mask], on_policy=g_on_policy, epsilon=self.eps)
+            n_agree = n_agree + (g_student.argmax(-1) == g_argmax).sum().data
 
         n_scored = int(full_mask.sum())
-        n_agree = (student.argmax(-1) == teacher_argmax).sum().data
         nsentences = src_tokens.size(0)
         sample_size = nsentences if self.sentence_avg else n_scored
         logging_output = {
