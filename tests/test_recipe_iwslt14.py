@@ -133,7 +133,7 @@ def test_rerun_reuses_everything(smoke_run):
     assert proc.returncode == 1 and "prepared with other options" in proc.stderr
     proc = run_script(work, "distill.sh", "seqkd")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "already built from this teacher, reused" in proc.stderr and "already trained" in proc.stderr
+    assert "already built with these settings, reused" in proc.stderr and "already trained" in proc.stderr
     assert "+ fairseq-train" not in proc.stderr and "+ imitkd-seqkd" not in proc.stderr
 
 
