@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 from typing import ContextManager, List, Optional, Sequence
 
 import torch
@@ -33,9 +34,28 @@ def split_teacher_paths(teacher_path: Optional[str]) -> List[str]:
     return [p for p in utils.split_paths(teacher_path or "") if p]
 
 
+def _unreadable(path: str, error: Exception) -> TeacherError:
+    """A checkpoint torch cannot load, named with torch's own reason in one line (for a pickled global that
+    safe loading refuses, the global: it is never executed)."""
+    text = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return TeacherError(f"teacher checkpoint {path} holds a pickled global that safe loading refuses, "
+                            f"{refused.group(1)}; nothing was executed. Load only checkpoints you trust")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else type(error).__name__
+    return TeacherError(f"teacher checkpoint {path} cannot be read ({type(error).__name__}: {reason[:200]}): "
+                        "a truncated file, or not a checkpoint written by torch.save")
+
+
 def read_checkpoint_config(path: str):
     """The ``(task, model)`` config sections of a checkpoint, without reading its weights into memory."""
-    state = read_checkpoint_lazily(path)
+    try:
+        state = read_checkpoint_lazily(path)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file; each becomes one line
+        raise _unreadable(path, e) from e
+    if not isinstance(state, dict):
+        raise TeacherError(f"teacher checkpoint {path} holds a {type(state).__name__}, not a fairseq checkpoint")
     cfg = state.get("cfg")
     if cfg is not None:
         return cfg["task"], cfg["model"]
@@ -127,6 +147,7 @@ def check_teacher_files(teacher_path: Optional[str], teacher_data: Optional[str]
     for path in paths:
         if not os.path.isfile(path):
             raise TeacherError(f"--teacher-path: no such file: {path}")
+        read_checkpoint_config(path)  # a readable fairseq checkpoint (its weights stay on disk)
         data = resolve_teacher_data(path, teacher_data, (source_lang, target_lang))
         for role, ours, lang in (("source", src_dict, source_lang), ("target", tgt_dict, target_lang)):
             check_same_dictionary(role, ours, Dictionary.load(os.path.join(data, f"dict.{lang}.txt")), data)

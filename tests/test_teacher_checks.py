@@ -214,3 +214,35 @@ def test_out_of_range_criterion_flags(toy_data, teacher, flag, value):
 def test_kd_criterion_needs_the_distillation_task(toy_data):
     msg = criterion_error(toy_data, "--task", "translation", "--criterion", "word_kd", *STUDENT, exc=ValueError)
     assert "--task distillation" in msg and "--task translation" in msg, msg
+
+
+# --- unreadable or unsafe teacher files -------------------------------------------------------------
+
+
+class _Marker:
+    """Unpickling this would create a file: the test checks safe loading never runs it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "unsafe global"])
+def test_a_teacher_file_that_is_no_readable_checkpoint_is_named(toy_data, teacher, tmp_path, kind):
+    bad = tmp_path / "bad.pt"
+    marker = tmp_path / "executed"
+    if kind == "truncated":
+        bad.write_bytes(Path(teacher).read_bytes()[:4096])
+    elif kind == "text":
+        bad.write_text("not a checkpoint\n")
+    else:
+        torch.save({"cfg": None, "model": {}, "payload": _Marker(str(marker))}, bad)
+    msg = criterion_error(*kd_args(toy_data, "--teacher-path", bad, "--teacher-data", toy_data))
+    assert str(bad) in msg and "\n" not in msg, msg
+    if kind == "unsafe global":
+        assert "safe loading refuses" in msg and "io.open" in msg, msg  # the global _Marker pickles
+        assert not marker.exists(), "the pickled object must not be executed"
+    else:
+        assert "cannot be read" in msg and "truncated" in msg, msg
