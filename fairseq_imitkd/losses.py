@@ -30,11 +30,12 @@ def soft_cross_entropy(student_lprobs: Tensor, teacher_lprobs: Tensor, temperatu
     """Per-position ``-Σ_v p_T(v) log p_S(v)`` at temperature T, shape ``(N,)``.
 
     This is the KD term of Hinton et al. / Kim & Rush: it equals KL(p_T‖p_S) plus the teacher's entropy,
-    which is constant for the student, so its gradient is the forward KL's.
+    which is constant for the student, so its gradient is the forward KL's. A token the teacher gives no
+    mass adds nothing, even where the student's log-prob is -inf (a masked entry): 0·log 0 = 0, not NaN.
     """
     s = _tempered(_full(student_lprobs), temperature)
     t = _tempered(_full(teacher_lprobs), temperature).exp()
-    return -(t * s).sum(dim=-1)
+    return -torch.where(t > 0, t * s, t.new_zeros(())).sum(dim=-1)
 
 
 def hard_cross_entropy(student_lprobs: Tensor, target: Tensor) -> Tensor:
@@ -64,7 +65,10 @@ def word_kd_loss(
         ``(loss, nll_loss, kd_loss)``: the total, the plain gold NLL (for logging) and the un-weighted
         KD cross-entropy at temperature T (for logging), each a scalar sum.
     """
-    smoothed, nll = label_smoothed_nll_loss(_full(student_lprobs), target, epsilon, reduce=True)
+    if epsilon > 0.0:
+        smoothed, nll = label_smoothed_nll_loss(_full(student_lprobs), target, epsilon, reduce=True)
+    else:  # the same value, without fairseq's 0·Σ log p term, which is NaN where the student has a -inf entry
+        smoothed = nll = hard_cross_entropy(student_lprobs, target).sum()
     kd = soft_cross_entropy(student_lprobs, teacher_lprobs, temperature).sum()
     if alpha == 0.0:  # keep the gold-only loss bit-exact with label_smoothed_cross_entropy
         loss = smoothed

@@ -37,7 +37,13 @@ def test_imitkd_trains_through_fairseq_train(toy_data, teacher, tmp_path, mix, t
     # once beta is small nearly everything is on-policy, with rollouts of real length
     assert float(rows[-1]["on_policy"]) > 0.8
     assert float(rows[-1]["rollout_len"]) >= 1.0
-    assert (tmp_path / "checkpoint_last.pt").exists()
+    # no teacher leaks into what is saved: the student's tensors only, and Adam's moments for them only
+    state = torch.load(tmp_path / "checkpoint_last.pt")
+    _, student, _ = build_training_objects(toy_data, "--task", "distillation", *STUDENT)
+    assert set(state["model"]) == set(student.state_dict())
+    assert all(state["model"][k].shape == v.shape for k, v in student.state_dict().items())
+    adam = state["last_optimizer_state"]["state"]
+    assert sum(m["exp_avg"].numel() for m in adam.values()) == sum(p.numel() for p in student.parameters())
 
 
 def test_imitkd_student_decodes(toy_data, teacher, tmp_path):

@@ -142,3 +142,33 @@ def test_imitkd_full_loss_ignores_the_prefix_kind_and_is_never_smoothed():
         torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError, match="argmax, full"):
         imitkd_loss(s, "both", teacher_lprobs=t)
+
+
+@pytest.mark.parametrize("case", ["huge logits", "-inf where the teacher has no mass", "-inf on both"])
+def test_kd_losses_stay_finite_at_extreme_logits(case):
+    """±1e4 logits and masked (-inf) entries: finite losses and finite gradients for every KD loss."""
+    g = torch.Generator().manual_seed(30)
+    s_logits = (1e4 * torch.randn(6, 9, generator=g)).requires_grad_(True)
+    t_logits = 1e4 * torch.randn(6, 9, generator=g)
+    if case != "huge logits":
+        t_logits[:, :3] = -math.inf  # the teacher rules tokens 0-2 out
+    if case == "-inf on both":
+        mask = torch.zeros(6, 9, dtype=torch.bool)
+        mask[:, :2] = True
+        s_logits = s_logits.masked_fill(mask, -math.inf)  # the student too, on two of them
+    s, t = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
+    target = t.argmax(-1)
+    losses = {
+        "soft": soft_cross_entropy(s, t).sum(),
+        "soft T=2": soft_cross_entropy(s, t, 2.0).sum(),
+        # label smoothing spreads mass on every token, so it is infinite where the student rules one out,
+        # in fairseq's own label-smoothed CE as well: the gold term is unsmoothed where the student has -inf
+        "word_kd": word_kd_loss(s, t, target, 0.5, 1.0, 0.0 if case == "-inf on both" else 0.1)[0],
+        "imitkd full": imitkd_loss(s, "full", teacher_lprobs=t),
+        "imitkd argmax": imitkd_loss(s, "argmax", teacher_argmax=target, gold=target,
+                                     on_policy=torch.ones(6, dtype=torch.bool)),
+    }
+    for name, loss in losses.items():
+        assert torch.isfinite(loss), (name, loss)
+        (grad,) = torch.autograd.grad(loss, s_logits, retain_graph=True)
+        assert torch.isfinite(grad).all(), name
