@@ -140,6 +140,23 @@ class DistillationTask(TranslationTask):
             self._teacher.to(device=device, dtype=self.teacher_dtype)
         return self._teacher
 
+    def get_batch_iterator(self, dataset, **kwargs):
+        """fairseq builds a run's training batches once, seeded by the epoch its iterator is created in:
+        epoch 1 in an uninterrupted run, the epoch it resumes in after a restart. A run resumed after its
+        first epoch then trained on other batches than the run it continues, and its mid-epoch offset
+        skipped some sentences and repeated others. Here the batches are always the ones an uninterrupted
+        run builds (seeded as at epoch 1), and the iterator starts at the requested epoch, whose batch
+        order fairseq shuffles as usual. Sharded data and ``--rebuild-batches`` build per epoch anyway."""
+        epoch = kwargs.get("epoch", 1)
+        if (epoch == 1 or getattr(self.cfg, "rebuild_batches", False) or self.has_sharded_data("train")
+                or not self.can_reuse_epoch_itr(dataset) or dataset in self.dataset_to_epoch_iter
+                or kwargs.get("update_epoch_batch_itr") or kwargs.get("disable_iterator_cache")):
+            return super().get_batch_iterator(dataset, **kwargs)
+        epoch_itr = super().get_batch_iterator(dataset, **dict(kwargs, epoch=1))
+        epoch_itr.epoch = epoch
+        dataset.set_epoch(epoch)
+        return epoch_itr
+
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         # fairseq hands update_num to the task only; schedules (ImitKD's β) read it from the criterion.
         # It is restored from the checkpoint on resume, so a schedule continues exactly.
