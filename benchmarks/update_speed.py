@@ -19,7 +19,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks", "multi30k"))
 import data as multi30k  # noqa: E402  (the benchmark's data preparation, shared by every speed script)
+import evaluate as multi30k_evaluate  # noqa: E402  (the processor's name)
 
 logger = logging.getLogger("update_speed")
 
@@ -202,7 +202,7 @@ def main(argv=None):
         "benchmark": "update_speed",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if cuda else multi30k_evaluate.cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
