@@ -19,7 +19,8 @@ KEPT_DECODES = ("test.beam1", "test.beam5", "test.beam1.nolimit")
 RUN_FILE = re.compile(r"[a-z0-9_]+_s[0-9]+\.json")
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
+    """Written under a temporary name and renamed: a reader never sees half a file."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
@@ -27,7 +28,7 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _read_json(path: str):
+def read_json(path: str):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -53,14 +54,14 @@ class Archive:
                         gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as fo:  # mtime 0: the same bytes on a rerun
                     shutil.copyfileobj(fi, fo)
                 os.replace(tmp, f"{name}.{decode}.hyp.gz")
-        _write_json(name + ".json", result)
+        write_json(name + ".json", result)
 
     def runs(self) -> Dict[Tuple[str, int], dict]:
         out = {}
         for path in glob.glob(os.path.join(self.dir, "*_s*.json")):
             if not RUN_FILE.fullmatch(os.path.basename(path)):
                 continue
-            r = _read_json(path)
+            r = read_json(path)
             out[(r["method"], int(r["seed"]))] = r
         return out
 
@@ -77,40 +78,40 @@ class Archive:
 
     def save_speed(self, name: str, measured: dict) -> None:
         os.makedirs(os.path.join(self.dir, "speed"), exist_ok=True)
-        _write_json(os.path.join(self.dir, "speed", f"{name}.json"), measured)
+        write_json(os.path.join(self.dir, "speed", f"{name}.json"), measured)
 
     def speed(self) -> Dict[str, dict]:
         paths = glob.glob(os.path.join(self.dir, "speed", "*.json"))
-        return {os.path.basename(p)[:-5]: _read_json(p) for p in sorted(paths)}
+        return {os.path.basename(p)[:-5]: read_json(p) for p in sorted(paths)}
 
     def save_bootstrap(self, rows: List[dict]) -> None:
         """Paired-bootstrap rows whose outputs were not kept (runs archived before outputs were)."""
         os.makedirs(self.dir, exist_ok=True)
-        _write_json(os.path.join(self.dir, "bootstrap.json"), rows)
+        write_json(os.path.join(self.dir, "bootstrap.json"), rows)
 
     def bootstrap(self) -> List[dict]:
         path = os.path.join(self.dir, "bootstrap.json")
-        return _read_json(path) if os.path.exists(path) else []
+        return read_json(path) if os.path.exists(path) else []
 
     def save_corpus_seconds(self, name: str, seconds: float) -> None:
         got = self.corpus_seconds()
         got[name] = seconds
         os.makedirs(self.dir, exist_ok=True)
-        _write_json(os.path.join(self.dir, "corpora_seconds.json"), got)
+        write_json(os.path.join(self.dir, "corpora_seconds.json"), got)
 
     def corpus_seconds(self) -> Dict[str, float]:
         path = os.path.join(self.dir, "corpora_seconds.json")
-        return _read_json(path) if os.path.exists(path) else {}
+        return read_json(path) if os.path.exists(path) else {}
 
     @property
     def ledger_path(self) -> str:
         return os.path.join(self.dir, "invocations.json")
 
     def ledger(self) -> List[dict]:
-        return _read_json(self.ledger_path) if os.path.exists(self.ledger_path) else []
+        return read_json(self.ledger_path) if os.path.exists(self.ledger_path) else []
 
     def add_invocation(self, invocation: dict) -> List[dict]:
         os.makedirs(self.dir, exist_ok=True)
         ledger = self.ledger() + [invocation]
-        _write_json(self.ledger_path, ledger)
+        write_json(self.ledger_path, ledger)
         return ledger

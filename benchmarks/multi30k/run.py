@@ -34,6 +34,7 @@ import time
 from typing import Callable, Dict, List
 
 import archive
+from archive import read_json, write_json
 import data
 import evaluate
 import methods
@@ -175,19 +176,6 @@ class Scheduler:
         for t in threads:
             t.join()
         return [n for n, s in self.state.items() if s in ("failed", "skipped")]
-
-
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def checkpoint_updates(path: str) -> int:
