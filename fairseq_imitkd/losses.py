@@ -7,6 +7,7 @@ student prefixes (ImitKD), and can be tested analytically without a model.
 Temperature: for ``lprobs = log_softmax(z)``, ``log_softmax(z / T) == log_softmax(lprobs / T)`` because
 the normaliser is a constant shift. Losses therefore accept T=1 log-probs and apply T themselves.
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -50,6 +51,8 @@ def word_kd_loss(
     alpha: float,
     temperature: float = 1.0,
     epsilon: float = 0.0,
+    divergence: str = "forward_kl",
+    **divergence_args,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Word-level KD: ``(1-α)·LS-NLL(gold) + α·T²·CE(p_T^T ‖ p_S^T)``, summed over the N positions.
 
@@ -60,6 +63,8 @@ def word_kd_loss(
         temperature: softening temperature T > 0 for both distributions; the T² factor keeps the
             gradient scale of the KD term independent of T.
         epsilon: label smoothing of the gold term (fairseq's definition).
+        divergence: the KD term (:func:`kd_divergence`; ATKD's next tokens are the gold ones), with its
+            ``jsd_beta`` / ``atkd_alpha``.
 
     Returns:
         ``(loss, nll_loss, kd_loss)``: the total, the plain gold NLL (for logging) and the un-weighted
@@ -69,7 +74,8 @@ def word_kd_loss(
         smoothed, nll = label_smoothed_nll_loss(_full(student_lprobs), target, epsilon, reduce=True)
     else:  # the same value, without fairseq's 0·Σ log p term, which is NaN where the student has a -inf entry
         smoothed = nll = hard_cross_entropy(student_lprobs, target).sum()
-    kd = soft_cross_entropy(student_lprobs, teacher_lprobs, temperature).sum()
+    kd = kd_divergence(divergence, student_lprobs, teacher_lprobs, next_tokens=target, temperature=temperature,
+                       **divergence_args)
     if alpha == 0.0:  # keep the gold-only loss bit-exact with label_smoothed_cross_entropy
         loss = smoothed
     else:
@@ -98,18 +104,129 @@ def imitkd_targets(gold: Tensor, teacher_argmax: Tensor, on_policy: Tensor) -> T
 
 def imitkd_loss(student_lprobs: Tensor, target: str, *, teacher_lprobs: Optional[Tensor] = None,
                 teacher_argmax: Optional[Tensor] = None, gold: Optional[Tensor] = None,
-                on_policy: Optional[Tensor] = None, epsilon: float = 0.0) -> Tensor:
+                on_policy: Optional[Tensor] = None, epsilon: float = 0.0, divergence: str = "forward_kl",
+                next_tokens: Optional[Tensor] = None, **divergence_args) -> Tensor:
     """ImitKD's loss summed over the N scored positions.
 
-    ``full`` (ImitKD+Full): the cross-entropy to the teacher's whole distribution on every prefix, data or
-    rolled out (``teacher_lprobs``; never smoothed). ``argmax`` (ImitKD): the NLL of
-    :func:`imitkd_targets`, label-smoothed with ``epsilon`` as fairseq smooths gold targets.
+    ``full`` (ImitKD+Full): the divergence (:func:`kd_divergence`, default the cross-entropy) to the teacher's
+    whole distribution on every prefix, data or rolled out (``teacher_lprobs``; never smoothed; ATKD's
+    ``next_tokens`` are the tokens of the prefix). ``argmax`` (ImitKD): the NLL of :func:`imitkd_targets`,
+    label-smoothed with ``epsilon`` as fairseq smooths gold targets.
     """
     if target not in IMITKD_TARGETS:
         raise ValueError(f"unknown ImitKD target {target!r}; valid: {', '.join(IMITKD_TARGETS)}")
     if target == "full":
-        return soft_cross_entropy(student_lprobs, teacher_lprobs).sum()
+        return kd_divergence(divergence, student_lprobs, teacher_lprobs, next_tokens=next_tokens, **divergence_args)
     hard = imitkd_targets(gold, teacher_argmax, on_policy)
     if epsilon > 0.0:
         return label_smoothed_nll_loss(_full(student_lprobs), hard, epsilon, reduce=True)[0]
     return hard_cross_entropy(student_lprobs, hard).sum()
+
+
+# --- the divergence family (--kd-divergence) ------------------------------------------------------------
+
+#: what ``--kd-divergence`` chooses between; ``forward_kl`` is the KD term as it always was
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "atkd")
+
+
+def _xlogy_terms(p_log: Tensor, q_log: Tensor) -> Tensor:
+    """``p·(log p - log q)`` per entry, 0 where p is 0 (also where both are -inf: a masked entry)."""
+    p = p_log.exp()
+    # the difference is zeroed before the product, so that no 0·(-inf - -inf) reaches the backward pass
+    return p * torch.where(p > 0, p_log - q_log, p.new_zeros(()))
+
+
+def forward_kl(student_lprobs: Tensor, teacher_lprobs: Tensor) -> Tensor:
+    """Per-position KL(p_T‖p_S), shape ``(N,)``: the soft cross-entropy less the teacher's entropy."""
+    return _xlogy_terms(_full(teacher_lprobs), _full(student_lprobs)).sum(-1)
+
+
+def reverse_kl(student_lprobs: Tensor, teacher_lprobs: Tensor) -> Tensor:
+    """Per-position KL(p_S‖p_T), shape ``(N,)``: mode-seeking, the student puts no mass where the teacher has
+    little."""
+    return _xlogy_terms(_full(student_lprobs), _full(teacher_lprobs)).sum(-1)
+
+
+def jsd(student_lprobs: Tensor, teacher_lprobs: Tensor, beta: float = 0.5) -> Tensor:
+    """Per-position generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024), shape ``(N,)``:
+    ``β·KL(p_T‖M) + (1-β)·KL(p_S‖M)`` with ``M = β·p_T + (1-β)·p_S``. β=0 is forward KL(p_T‖p_S) and β=1
+    reverse KL(p_S‖p_T), computed as such (the mixture formula degenerates to 0 there)."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"--kd-jsd-beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student_lprobs, teacher_lprobs)
+    if beta == 1.0:
+        return reverse_kl(student_lprobs, teacher_lprobs)
+    s, t = _full(student_lprobs), _full(teacher_lprobs)
+    # an entry both models rule out (-inf in both) gets a finite stand-in: its terms are 0 anyway, and a
+    # logsumexp over two -inf would send NaN back through the gradient
+    both_out = torch.isneginf(s) & torch.isneginf(t)
+    s_, t_ = s.masked_fill(both_out, 0.0), t.masked_fill(both_out, 0.0)
+    mixture = torch.logsumexp(torch.stack([t_ + math.log(beta), s_ + math.log(1.0 - beta)]), dim=0)
+    return beta * _xlogy_terms(t, mixture).sum(-1) + (1.0 - beta) * _xlogy_terms(s, mixture).sum(-1)
+
+
+def tvd(student_lprobs: Tensor, teacher_lprobs: Tensor) -> Tensor:
+    """Per-position total variation distance ``½·Σ_v |p_S(v) - p_T(v)|``, shape ``(N,)``."""
+    return 0.5 * (_full(student_lprobs).exp() - _full(teacher_lprobs).exp()).abs().sum(-1)
+
+
+def _binary_and_rest(lprobs: Tensor, target: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """log p(target), log (1 - p(target)) and the log-probs renormalised over the other tokens (target -inf)."""
+    log_target = lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    others = lprobs.scatter(-1, target.unsqueeze(-1), -math.inf)
+    log_rest = torch.logsumexp(others, dim=-1)
+    return log_target, log_rest, others - log_rest.unsqueeze(-1)
+
+
+def atkd(student_lprobs: Tensor, teacher_lprobs: Tensor, next_tokens: Tensor, alpha: float = 0.2) -> Tensor:
+    """ATKD (Zhong et al. 2024), as its reference code computes it, for a batch of N scored positions.
+
+    ``next_tokens``: the token that comes next at each position (gold on gold prefixes, the rolled-out token on
+    student prefixes). The teacher's uncertainty is its non-target mass ``1 - p_T(target)``; positions below
+    the median over the batch (``torch.median``: the lower middle value) are easy, the rest hard. TCKD is the
+    KL between the teacher's and the student's binary ``[p(target), 1 - p(target)]``, NCKD the KL between
+    their distributions renormalised over the non-target tokens (not weighted by the non-target mass).
+    The loss ``α·NCKD_easy + (1-α)·(TCKD_hard + NCKD_hard)`` averages each term over its own group.
+
+    Returned multiplied by N: a criterion's division by ``sample_size`` (the N scored positions, without
+    ``--sentence-avg``) gives the reference's value. A batch-level loss: it is not a sum over positions.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--kd-atkd-alpha must be in [0, 1], got {alpha}")
+    s, t = _full(student_lprobs), _full(teacher_lprobs)
+    s_target, s_rest, s_others = _binary_and_rest(s, next_tokens)
+    t_target, t_rest, t_others = _binary_and_rest(t, next_tokens)
+    tckd = _xlogy_terms(torch.stack([t_target, t_rest], -1), torch.stack([s_target, s_rest], -1)).sum(-1)
+    nckd = _xlogy_terms(t_others, s_others).sum(-1)
+    uncertainty = t_rest.exp()
+    easy = uncertainty < uncertainty.median()
+    hard = ~easy
+
+    def mean(x: Tensor, group: Tensor) -> Tensor:
+        return x[group].mean() if bool(group.any()) else x.new_zeros(())  # an empty group adds nothing
+
+    loss = alpha * mean(nckd, easy) + (1.0 - alpha) * (mean(tckd, hard) + mean(nckd, hard))
+    return loss * s.size(0)
+
+
+def kd_divergence(name: str, student_lprobs: Tensor, teacher_lprobs: Tensor, *, next_tokens: Optional[Tensor] = None,
+                  temperature: float = 1.0, jsd_beta: float = 0.5, atkd_alpha: float = 0.2) -> Tensor:
+    """The KD term of ``--kd-divergence NAME`` over N positions, a scalar: the sum over positions (ATKD: its
+    batch value times N). ``forward_kl`` is the soft cross-entropy, bit for bit the KD term of before: the
+    forward KL plus the teacher's entropy, a constant for the student, so its gradient is the KL's."""
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown --kd-divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
+    if name == "forward_kl":
+        return soft_cross_entropy(student_lprobs, teacher_lprobs, temperature).sum()
+    s = _tempered(_full(student_lprobs), temperature)
+    t = _tempered(_full(teacher_lprobs), temperature)
+    if name == "reverse_kl":
+        return reverse_kl(s, t).sum()
+    if name == "jsd":
+        return jsd(s, t, jsd_beta).sum()
+    if name == "tvd":
+        return tvd(s, t).sum()
+    if next_tokens is None:
+        raise ValueError("--kd-divergence atkd needs the next token of every position")
+    return atkd(s, t, next_tokens, atkd_alpha)

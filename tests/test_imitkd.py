@@ -276,3 +276,28 @@ def test_bad_agreement_clock_options_are_named(toy_data, teacher, flag, value):
         build_training_objects(toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion",
                                "imitkd", *STUDENT, "--max-update", "10", "--imitkd-beta-clock", "agreement",
                                flag, value)
+
+
+@pytest.mark.parametrize("mix", ["sequence", "token"])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "atkd"])
+def test_imitkd_full_with_another_divergence(toy_data, teacher, mix, divergence):
+    """Every divergence on student prefixes: a finite loss with a gradient, the same positions scored."""
+    task, model, criterion = build_training_objects(
+        toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion", "imitkd", *STUDENT,
+        "--max-update", "10", "--imitkd-beta-schedule", "constant", "--imitkd-beta", "0.5", "--imitkd-mix", mix,
+        "--imitkd-target", "full", "--imitkd-sampling", "greedy", "--kd-divergence", divergence,
+        "--imitkd-max-len-a", "1.5", "--imitkd-max-len-b", "4",
+    )
+    sample = first_batch(task, "train")
+    model.train()
+    torch.manual_seed(3)
+    loss, size, log = criterion(model, sample)
+    assert torch.isfinite(loss) and size == log["n_scored"] > 0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_divergence_needs_full_targets(toy_data, teacher):
+    with pytest.raises(ValueError, match="--imitkd-target full"):
+        build_training_objects(toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion",
+                               "imitkd", *STUDENT, "--max-update", "10", "--kd-divergence", "jsd")

@@ -8,10 +8,16 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 
 from fairseq_imitkd.losses import (
     agreement,
+    atkd,
+    forward_kl,
     hard_cross_entropy,
     imitkd_loss,
     imitkd_targets,
+    jsd,
+    kd_divergence,
+    reverse_kl,
     soft_cross_entropy,
+    tvd,
     word_kd_loss,
 )
 
@@ -172,3 +178,96 @@ def test_kd_losses_stay_finite_at_extreme_logits(case):
         assert torch.isfinite(loss), (name, loss)
         (grad,) = torch.autograd.grad(loss, s_logits, retain_graph=True)
         assert torch.isfinite(grad).all(), name
+
+
+# --- the divergence family ------------------------------------------------------------------------------
+
+def _as_lprobs(rows):
+    return torch.tensor(rows, dtype=torch.float64).log()
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_each_divergence_is_zero_on_identical_inputs_and_positive_otherwise(name):
+    fn = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tvd": tvd}[name]
+    t = _lprobs(seed=40)
+    torch.testing.assert_close(fn(t, t), torch.zeros(t.size(0), dtype=t.dtype), atol=1e-12, rtol=0)
+    s = _lprobs(seed=41)
+    assert (fn(s, t) > 0).all()
+
+
+def test_divergences_on_a_hand_made_distribution():
+    p_s, p_t = [[0.5, 0.5]], [[0.25, 0.75]]
+    s, t = _as_lprobs(p_s), _as_lprobs(p_t)
+    fwd = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    rev = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert forward_kl(s, t).item() == pytest.approx(fwd, rel=1e-12)
+    assert reverse_kl(s, t).item() == pytest.approx(rev, rel=1e-12)
+    assert tvd(s, t).item() == pytest.approx(0.25, rel=1e-12)
+    m = [0.5 * a + 0.5 * b for a, b in zip(p_s[0], p_t[0])]  # β = 0.5: M = (0.375, 0.625)
+    expected = 0.5 * sum(b * math.log(b / x) for b, x in zip(p_t[0], m)) \
+        + 0.5 * sum(a * math.log(a / x) for a, x in zip(p_s[0], m))
+    assert jsd(s, t, 0.5).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_jsd_endpoints_are_the_two_kls_exactly():
+    s, t = _lprobs(seed=42), _lprobs(seed=43)
+    assert torch.equal(jsd(s, t, 0.0), forward_kl(s, t))
+    assert torch.equal(jsd(s, t, 1.0), reverse_kl(s, t))
+    with pytest.raises(ValueError, match="kd-jsd-beta"):
+        jsd(s, t, 1.5)
+
+
+def test_forward_kl_default_is_the_soft_cross_entropy_bit_for_bit():
+    s, t = _lprobs(seed=44), _lprobs(seed=45)
+    assert torch.equal(kd_divergence("forward_kl", s, t), soft_cross_entropy(s, t).sum())
+    assert torch.equal(kd_divergence("forward_kl", s, t, temperature=2.0), soft_cross_entropy(s, t, 2.0).sum())
+    # it differs from the KL by the teacher's entropy only
+    entropy = -(t.exp() * t).sum()
+    torch.testing.assert_close(kd_divergence("forward_kl", s, t), forward_kl(s, t).sum() + entropy)
+
+
+def test_atkd_on_four_positions_worked_out_by_hand():
+    """Vocabulary of 3, target token 0 at every position. The teacher's non-target mass (uncertainty) is
+    0.1, 0.2, 0.4, 0.6: torch.median of four values is the lower middle one, 0.2, so position 0 is easy
+    and positions 1-3 (>= 0.2) are hard."""
+    teacher = [[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.4, 0.3, 0.3]]
+    student = [[0.5, 0.25, 0.25], [0.6, 0.2, 0.2], [0.5, 0.25, 0.25], [0.7, 0.1, 0.2]]
+    target = torch.zeros(4, dtype=torch.long)
+
+    def kl(p, q):
+        return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+    def tckd(i):
+        pt, ps = teacher[i][0], student[i][0]
+        return kl([pt, 1 - pt], [ps, 1 - ps])
+
+    def nckd(i):
+        rt, rs = sum(teacher[i][1:]), sum(student[i][1:])
+        return kl([x / rt for x in teacher[i][1:]], [x / rs for x in student[i][1:]])
+
+    alpha = 0.2
+    easy_nckd = nckd(0)
+    hard = [1, 2, 3]
+    expected = alpha * easy_nckd + (1 - alpha) * (sum(map(tckd, hard)) / 3 + sum(map(nckd, hard)) / 3)
+    got = atkd(_as_lprobs(student), _as_lprobs(teacher), target, alpha)
+    assert got.item() == pytest.approx(4 * expected, rel=1e-10)  # scaled by N: fairseq divides by 4
+    assert atkd(_as_lprobs(teacher), _as_lprobs(teacher), target, alpha).item() == pytest.approx(0.0, abs=1e-12)
+    assert kd_divergence("atkd", _as_lprobs(student), _as_lprobs(teacher), next_tokens=target,
+                         atkd_alpha=alpha).item() == pytest.approx(4 * expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd", "atkd"])
+def test_every_divergence_has_finite_gradients_at_extreme_and_masked_logits(name):
+    g = torch.Generator().manual_seed(46)
+    s_logits = (1e4 * torch.randn(6, 9, generator=g)).requires_grad_(True)
+    t_logits = 1e4 * torch.randn(6, 9, generator=g)
+    masked = torch.zeros(6, 9, dtype=torch.bool)
+    masked[:, 7:] = True  # a masked part of the vocabulary: -inf in both models
+    s = F.log_softmax(s_logits.masked_fill(masked, -math.inf), -1)
+    t = F.log_softmax(t_logits.masked_fill(masked, -math.inf), -1)
+    loss = kd_divergence(name, s, t, next_tokens=t.argmax(-1))
+    assert torch.isfinite(loss), loss
+    (grad,) = torch.autograd.grad(loss, s_logits)
+    assert torch.isfinite(grad).all()
+    with pytest.raises(ValueError, match="forward_kl, reverse_kl, jsd, tvd, atkd"):
+        kd_divergence("kl", s, t)

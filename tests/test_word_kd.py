@@ -116,3 +116,27 @@ def test_teacher_half_precision(toy_data, teacher):
         loss, _, log = criterion(model, sample)
         assert task.teacher(torch.device("cpu")).dtype == dtype
         assert torch.isfinite(loss) and loss.dtype == torch.float32
+
+
+def test_every_divergence_gives_a_finite_loss_and_forward_kl_is_the_default(toy_data, teacher):
+    import pytest
+
+    losses = {}
+    for divergence in ("default", "forward_kl", "reverse_kl", "jsd", "tvd", "atkd"):
+        extra = [] if divergence == "default" else ["--kd-divergence", divergence]
+        torch.manual_seed(1)  # the same student weights for every divergence
+        task, model, criterion = build_training_objects(
+            toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion", "word_kd",
+            "--arch", "transformer_student_tiny", "--share-all-embeddings", "--cpu", "--seed", "1", *extra)
+        sample = first_batch(task)
+        model.eval()
+        torch.manual_seed(0)
+        loss, size, log = criterion(model, sample)
+        assert torch.isfinite(loss) and size == log["n_scored"], divergence
+        losses[divergence] = (loss.item(), float(log["kd_loss"]))
+    assert losses["forward_kl"] == losses["default"]  # bit for bit
+    assert len({v[1] for v in losses.values()}) == 5  # every other divergence is another number
+    for flag, value in (("--kd-jsd-beta", "1.5"), ("--kd-atkd-alpha", "-0.1")):
+        with pytest.raises(ValueError, match=flag):
+            build_training_objects(toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion",
+                                   "word_kd", "--arch", "transformer_student_tiny", "--cpu", flag, value)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from fairseq.criterions import register_criterion
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from omegaconf import II
 
@@ -22,7 +22,7 @@ from ..rollout import rollout
 from ..schedules import AgreementClock, check_schedule, shape
 from ..schedules import beta as beta_at
 from ..scoring import length_groups, scored_log_probs
-from .kd_criterion import KDCriterion, check_range, summed
+from .kd_criterion import KDCriterion, KDDivergenceConfig, check_range, summed
 
 #: what ``--imitkd-mix`` chooses between: whole rows (the paper) or single steps (DAgger-style)
 MIXES = ("sequence", "token")
@@ -35,7 +35,7 @@ SAMPLINGS = ChoiceEnum(list(rollouts.STRATEGIES))
 
 
 @dataclass
-class ImitKDConfig(FairseqDataclass):
+class ImitKDConfig(KDDivergenceConfig):
     imitkd_target: TARGETS = field(
         default="argmax",
         metadata={"help": "argmax: the teacher's argmax on student prefixes, gold on data prefixes (ImitKD); "
@@ -117,8 +117,13 @@ class ImitKDCriterion(KDCriterion):
         imitkd_beta_updates, imitkd_beta_warmup_updates, imitkd_beta_clock, imitkd_agree_low, imitkd_agree_high,
         imitkd_agree_momentum, label_smoothing, imitkd_sampling, imitkd_topk, imitkd_temperature,
         imitkd_teacher_sample, imitkd_max_len_a, imitkd_max_len_b, sentence_avg, max_update,
+        kd_divergence="forward_kl", kd_jsd_beta=0.5, kd_atkd_alpha=0.2,
     ):
         super().__init__(task)
+        self.set_divergence(kd_divergence, kd_jsd_beta, kd_atkd_alpha)
+        if self.divergence != "forward_kl" and str(imitkd_target) != "full":
+            raise ValueError(f"--kd-divergence {self.divergence} compares whole distributions: it needs "
+                             "--imitkd-target full (argmax targets are one-hot)")
         self.target = str(imitkd_target)
         self.mix = str(imitkd_mix)
         self.schedule = str(imitkd_beta_schedule)
@@ -194,6 +199,8 @@ class ImitKDCriterion(KDCriterion):
         # group: the groups' (N, V) log-probs are never concatenated (a copy of each, and of its gradient).
         ids = sample.get("id")
         loss, n_agree = 0.0, 0
+        batch_level = self.divergence == "atkd"  # a median and group means over the whole batch
+        parts = []
         for rows, width in length_groups(full_mask.sum(1)):
             pick = (lambda x: x[:, :width]) if rows is None else (lambda x, rows=rows: x[rows, :width])
             src, src_len = (src_tokens, src_lengths) if rows is None else (src_tokens[rows], src_lengths[rows])
@@ -208,9 +215,20 @@ class ImitKDCriterion(KDCriterion):
                 g_argmax = g_teacher.argmax(-1)
                 g_on_policy = (on_policy if rows is None else on_policy[rows]).unsqueeze(1).expand_as(mask)[mask]
             g_student = scored_log_probs(model, src, src_len, pick(prev), mask)
-            loss = loss + imitkd_loss(g_student, self.target, teacher_lprobs=g_teacher, teacher_argmax=g_argmax,
-                                      gold=pick(target)[mask], on_policy=g_on_policy, epsilon=self.eps)
+            # the token that comes next at each position: what ATKD splits the distributions by
+            g_next = pick(ro.tokens)[mask] if token_mixed else pick(target)[mask]
+            g = dict(teacher_lprobs=g_teacher, teacher_argmax=g_argmax, gold=pick(target)[mask],
+                     on_policy=g_on_policy, next_tokens=g_next)
+            if batch_level:
+                parts.append((g_student, g))
+            else:
+                loss = loss + imitkd_loss(g_student, self.target, epsilon=self.eps, divergence=self.divergence,
+                                          **g, **self.divergence_args)
             n_agree = n_agree + (g_student.argmax(-1) == g_argmax).sum().data
+        if batch_level:
+            joined = {k: torch.cat([g[k] for _, g in parts]) for k in parts[0][1]}
+            loss = imitkd_loss(torch.cat([p for p, _ in parts]), self.target, epsilon=self.eps,
+                               divergence=self.divergence, **joined, **self.divergence_args)
 
         n_scored = int(full_mask.sum())
         nsentences = src_tokens.size(0)

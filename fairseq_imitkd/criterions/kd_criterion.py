@@ -1,12 +1,35 @@
-"""What every distillation criterion shares: the teacher, the update counter and the KD metrics."""
+"""What every distillation criterion shares: the teacher, the update counter, the KD divergence and metrics."""
 import functools
 import math
+from dataclasses import dataclass, field
 
 from fairseq import utils
 from fairseq.criterions import FairseqCriterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
+from ..losses import DIVERGENCES
 from ..tasks.distillation import DistillationTask
+
+
+@dataclass
+class KDDivergenceConfig(FairseqDataclass):
+    """The divergence of the teacher's and the student's distributions, for every criterion that uses the
+    teacher's whole distribution (word_kd's KD term, imitkd --imitkd-target full)."""
+
+    kd_divergence: ChoiceEnum(list(DIVERGENCES)) = field(
+        default="forward_kl",
+        metadata={"help": "forward_kl (the soft cross-entropy, as always), reverse_kl, jsd (generalized, "
+                  "--kd-jsd-beta), tvd, or atkd (adaptive teaching: easy and hard tokens apart, --kd-atkd-alpha)"},
+    )
+    kd_jsd_beta: float = field(
+        default=0.5, metadata={"help": "jsd: weight β of the teacher in the mixture, in [0, 1] (0: forward KL, "
+                               "1: reverse KL)"}
+    )
+    kd_atkd_alpha: float = field(
+        default=0.2, metadata={"help": "atkd: weight α of the easy tokens' NCKD against the hard tokens' TCKD + "
+                               "NCKD, in [0, 1]"}
+    )
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open=False, high_open=False) -> None:
@@ -41,6 +64,13 @@ class KDCriterion(FairseqCriterion):
                 f"not --task {getattr(task.cfg, '_name', type(task).__name__)}"
             )
         self.update_num = 0
+
+    def set_divergence(self, kd_divergence: str, kd_jsd_beta: float, kd_atkd_alpha: float) -> None:
+        """Check and keep the KD divergence and its settings (KDDivergenceConfig)."""
+        check_range("kd-jsd-beta", kd_jsd_beta, 0.0, 1.0)
+        check_range("kd-atkd-alpha", kd_atkd_alpha, 0.0, 1.0)
+        self.divergence = str(kd_divergence)
+        self.divergence_args = {"jsd_beta": kd_jsd_beta, "atkd_alpha": kd_atkd_alpha}
 
     def set_update_num(self, update_num: int) -> None:
         """Called by ``DistillationTask.train_step`` before every forward pass."""

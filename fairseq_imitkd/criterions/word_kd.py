@@ -2,16 +2,15 @@
 from dataclasses import dataclass, field
 
 from fairseq.criterions import register_criterion
-from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
 from ..losses import agreement, word_kd_loss
 from ..scoring import scored_log_probs
-from .kd_criterion import KDCriterion, check_range
+from .kd_criterion import KDCriterion, KDDivergenceConfig, check_range
 
 
 @dataclass
-class WordKDConfig(FairseqDataclass):
+class WordKDConfig(KDDivergenceConfig):
     kd_alpha: float = field(
         default=0.5, metadata={"help": "weight α of the KD term: (1-α)·NLL(gold) + α·KD, in [0, 1]"}
     )
@@ -26,10 +25,13 @@ class WordKDConfig(FairseqDataclass):
 
 @register_criterion("word_kd", dataclass=WordKDConfig)
 class WordKDCriterion(KDCriterion):
-    """``(1-α)·LS-NLL(gold) + α·T²·CE(p_T ‖ p_S)`` at every non-pad gold position."""
+    """``(1-α)·LS-NLL(gold) + α·T²·D(p_T, p_S)`` at every non-pad gold position; D is ``--kd-divergence``
+    (default the cross-entropy to the teacher, whose gradient is forward KL's)."""
 
-    def __init__(self, task, kd_alpha, kd_temperature, label_smoothing, sentence_avg):
+    def __init__(self, task, kd_alpha, kd_temperature, label_smoothing, sentence_avg, kd_divergence="forward_kl",
+                 kd_jsd_beta=0.5, kd_atkd_alpha=0.2):
         super().__init__(task)
+        self.set_divergence(kd_divergence, kd_jsd_beta, kd_atkd_alpha)
         check_range("kd-alpha", kd_alpha, 0.0, 1.0)
         check_range("kd-temperature", kd_temperature, 0.0, float("inf"), low_open=True, high_open=True)
         check_range("label-smoothing", label_smoothing, 0.0, 1.0, high_open=True)
@@ -45,7 +47,8 @@ class WordKDCriterion(KDCriterion):
         mask = target.ne(self.padding_idx)
         student = scored_log_probs(model, *inputs, mask)
         teacher = self.teacher_for(model).log_probs(*inputs, mask, ids=sample.get("id"))
-        loss, nll, kd = word_kd_loss(student, teacher, target[mask], self.alpha, self.temperature, self.eps)
+        loss, nll, kd = word_kd_loss(student, teacher, target[mask], self.alpha, self.temperature, self.eps,
+                                     self.divergence, **self.divergence_args)
         n_scored = int(mask.sum())
         sample_size = sample["target"].size(0) if self.sentence_avg else n_scored
         logging_output = {
