@@ -210,17 +210,48 @@ def atkd(student_lprobs: Tensor, teacher_lprobs: Tensor, next_tokens: Tensor, al
     return loss * s.size(0)
 
 
+def topk_with_tail(student_lprobs: Tensor, teacher_lprobs: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Both distributions over the teacher's ``k`` most likely tokens plus one tail bucket holding the rest
+    of each one's mass: ``(N, k+1)`` log-probs, student first. What a teacher that keeps (or caches) only
+    its top k can be compared on; with ``k`` the vocabulary size, the tail is empty and nothing changes."""
+    k = min(k, teacher_lprobs.size(-1))
+    t_top, index = teacher_lprobs.topk(k, dim=-1)
+    s_top = student_lprobs.gather(-1, index)
+
+    def tail(lprobs: Tensor) -> Tensor:
+        rest = lprobs.scatter(-1, index, -math.inf)
+        # a row with no mass outside the top k (k = V, or the rest masked) has a -inf tail; the logsumexp
+        # runs on a finite stand-in there, so that no NaN flows back through it
+        empty = torch.isneginf(rest).all(-1, keepdim=True)
+        mass = torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1, keepdim=True)
+        return mass.masked_fill(empty, -math.inf)
+
+    return torch.cat([s_top, tail(student_lprobs)], -1), torch.cat([t_top, tail(teacher_lprobs)], -1)
+
+
 def kd_divergence(name: str, student_lprobs: Tensor, teacher_lprobs: Tensor, *, next_tokens: Optional[Tensor] = None,
-                  temperature: float = 1.0, jsd_beta: float = 0.5, atkd_alpha: float = 0.2) -> Tensor:
+                  temperature: float = 1.0, jsd_beta: float = 0.5, atkd_alpha: float = 0.2,
+                  teacher_topk: int = 0) -> Tensor:
     """The KD term of ``--kd-divergence NAME`` over N positions, a scalar: the sum over positions (ATKD: its
     batch value times N). ``forward_kl`` is the soft cross-entropy, bit for bit the KD term of before: the
-    forward KL plus the teacher's entropy, a constant for the student, so its gradient is the KL's."""
+    forward KL plus the teacher's entropy, a constant for the student, so its gradient is the KL's.
+    ``teacher_topk`` K > 0 compares the distributions on the teacher's K best tokens and a tail bucket
+    (:func:`topk_with_tail`), after the temperature."""
     if name not in DIVERGENCES:
         raise ValueError(f"unknown --kd-divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
-    if name == "forward_kl":
+    if teacher_topk < 0:
+        raise ValueError(f"--kd-teacher-topk must be >= 0 (0: the whole distribution), got {teacher_topk}")
+    if teacher_topk and name == "atkd":
+        raise ValueError("--kd-teacher-topk does not apply to --kd-divergence atkd, which needs the probability "
+                         "of every next token")
+    if name == "forward_kl" and not teacher_topk:
         return soft_cross_entropy(student_lprobs, teacher_lprobs, temperature).sum()
     s = _tempered(_full(student_lprobs), temperature)
     t = _tempered(_full(teacher_lprobs), temperature)
+    if teacher_topk:
+        s, t = topk_with_tail(s, t, teacher_topk)
+    if name == "forward_kl":
+        return soft_cross_entropy(s, t).sum()
     if name == "reverse_kl":
         return reverse_kl(s, t).sum()
     if name == "jsd":

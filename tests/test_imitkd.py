@@ -298,6 +298,11 @@ def test_imitkd_full_with_another_divergence(toy_data, teacher, mix, divergence)
 
 
 def test_a_divergence_needs_full_targets(toy_data, teacher):
-    with pytest.raises(ValueError, match="--imitkd-target full"):
+    for extra in (["--kd-divergence", "jsd"], ["--kd-teacher-topk", "8"]):
+        with pytest.raises(ValueError, match="--imitkd-target full"):
+            build_training_objects(toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion",
+                                   "imitkd", *STUDENT, "--max-update", "10", *extra)
+    with pytest.raises(ValueError, match="does not apply to --kd-divergence atkd"):
         build_training_objects(toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion",
-                               "imitkd", *STUDENT, "--max-update", "10", "--kd-divergence", "jsd")
+                               "imitkd", *STUDENT, "--max-update", "10", "--imitkd-target", "full",
+                               "--kd-divergence", "atkd", "--kd-teacher-topk", "8")

@@ -17,6 +17,7 @@ from fairseq_imitkd.losses import (
     kd_divergence,
     reverse_kl,
     soft_cross_entropy,
+    topk_with_tail,
     tvd,
     word_kd_loss,
 )
@@ -271,3 +272,37 @@ def test_every_divergence_has_finite_gradients_at_extreme_and_masked_logits(name
     assert torch.isfinite(grad).all()
     with pytest.raises(ValueError, match="forward_kl, reverse_kl, jsd, tvd, atkd"):
         kd_divergence("kl", s, t)
+
+
+def test_topk_targets_with_the_whole_vocabulary_change_nothing():
+    s, t = _lprobs(5, 11, seed=50), _lprobs(5, 11, seed=51)
+    s_k, t_k = topk_with_tail(s, t, 11)
+    assert s_k.shape == (5, 12) and torch.isneginf(s_k[:, -1]).all() and torch.isneginf(t_k[:, -1]).all()
+    for name in ("forward_kl", "reverse_kl", "jsd", "tvd"):
+        torch.testing.assert_close(kd_divergence(name, s, t, teacher_topk=11), kd_divergence(name, s, t))
+
+
+def test_topk_targets_keep_the_teachers_best_tokens_and_the_rest_of_both_masses():
+    s = _as_lprobs([[0.1, 0.2, 0.3, 0.4]])
+    t = _as_lprobs([[0.5, 0.1, 0.3, 0.1]])
+    s_k, t_k = topk_with_tail(s, t, 2)  # the teacher's best: tokens 0 and 2
+    torch.testing.assert_close(s_k.exp(), torch.tensor([[0.1, 0.3, 0.6]], dtype=torch.float64))
+    torch.testing.assert_close(t_k.exp(), torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64))
+    expected = -(0.5 * math.log(0.1) + 0.3 * math.log(0.3) + 0.2 * math.log(0.6))
+    assert kd_divergence("forward_kl", s, t, teacher_topk=2).item() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="atkd"):
+        kd_divergence("atkd", s, t, next_tokens=torch.tensor([0]), teacher_topk=2)
+
+
+@pytest.mark.parametrize("k", [3, 9])
+def test_topk_targets_have_finite_gradients_at_extreme_and_masked_logits(k):
+    g = torch.Generator().manual_seed(52)
+    s_logits = (1e4 * torch.randn(6, 9, generator=g)).requires_grad_(True)
+    masked = torch.zeros(6, 9, dtype=torch.bool)
+    masked[:, 7:] = True
+    s = F.log_softmax(s_logits.masked_fill(masked, -math.inf), -1)
+    t = F.log_softmax((1e4 * torch.randn(6, 9, generator=g)).masked_fill(masked, -math.inf), -1)
+    for name in ("forward_kl", "reverse_kl", "jsd", "tvd"):
+        loss = kd_divergence(name, s, t, teacher_topk=k)
+        (grad,) = torch.autograd.grad(loss, s_logits, retain_graph=True)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), name

@@ -122,8 +122,9 @@ def test_every_divergence_gives_a_finite_loss_and_forward_kl_is_the_default(toy_
     import pytest
 
     losses = {}
-    for divergence in ("default", "forward_kl", "reverse_kl", "jsd", "tvd", "atkd"):
-        extra = [] if divergence == "default" else ["--kd-divergence", divergence]
+    for divergence in ("default", "forward_kl", "reverse_kl", "jsd", "tvd", "atkd", "top8"):
+        extra = [] if divergence == "default" else (["--kd-teacher-topk", "8"] if divergence == "top8"
+                                                    else ["--kd-divergence", divergence])
         torch.manual_seed(1)  # the same student weights for every divergence
         task, model, criterion = build_training_objects(
             toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion", "word_kd",
@@ -135,8 +136,8 @@ def test_every_divergence_gives_a_finite_loss_and_forward_kl_is_the_default(toy_
         assert torch.isfinite(loss) and size == log["n_scored"], divergence
         losses[divergence] = (loss.item(), float(log["kd_loss"]))
     assert losses["forward_kl"] == losses["default"]  # bit for bit
-    assert len({v[1] for v in losses.values()}) == 5  # every other divergence is another number
-    for flag, value in (("--kd-jsd-beta", "1.5"), ("--kd-atkd-alpha", "-0.1")):
+    assert len({v[1] for v in losses.values()}) == 6  # every other divergence, and top-8 targets, another number
+    for flag, value in (("--kd-jsd-beta", "1.5"), ("--kd-atkd-alpha", "-0.1"), ("--kd-teacher-topk", "-1")):
         with pytest.raises(ValueError, match=flag):
             build_training_objects(toy_data, "--task", "distillation", "--teacher-path", teacher, "--criterion",
                                    "word_kd", "--arch", "transformer_student_tiny", "--cpu", flag, value)

@@ -30,6 +30,10 @@ class KDDivergenceConfig(FairseqDataclass):
         default=0.2, metadata={"help": "atkd: weight α of the easy tokens' NCKD against the hard tokens' TCKD + "
                                "NCKD, in [0, 1]"}
     )
+    kd_teacher_topk: int = field(
+        default=0, metadata={"help": "compare the distributions on the teacher's K most likely tokens and one "
+                             "tail bucket with the rest of the mass (0: the whole vocabulary); not with atkd"}
+    )
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open=False, high_open=False) -> None:
@@ -65,12 +69,17 @@ class KDCriterion(FairseqCriterion):
             )
         self.update_num = 0
 
-    def set_divergence(self, kd_divergence: str, kd_jsd_beta: float, kd_atkd_alpha: float) -> None:
+    def set_divergence(self, kd_divergence: str, kd_jsd_beta: float, kd_atkd_alpha: float,
+                       kd_teacher_topk: int = 0) -> None:
         """Check and keep the KD divergence and its settings (KDDivergenceConfig)."""
         check_range("kd-jsd-beta", kd_jsd_beta, 0.0, 1.0)
         check_range("kd-atkd-alpha", kd_atkd_alpha, 0.0, 1.0)
+        check_range("kd-teacher-topk", kd_teacher_topk, 0, float("inf"), high_open=True)
         self.divergence = str(kd_divergence)
-        self.divergence_args = {"jsd_beta": kd_jsd_beta, "atkd_alpha": kd_atkd_alpha}
+        if kd_teacher_topk and self.divergence == "atkd":
+            raise ValueError("--kd-teacher-topk does not apply to --kd-divergence atkd")
+        self.divergence_args = {"jsd_beta": kd_jsd_beta, "atkd_alpha": kd_atkd_alpha,
+                                "teacher_topk": kd_teacher_topk}
 
     def set_update_num(self, update_num: int) -> None:
         """Called by ``DistillationTask.train_step`` before every forward pass."""

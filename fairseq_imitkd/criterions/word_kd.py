@@ -29,9 +29,9 @@ class WordKDCriterion(KDCriterion):
     (default the cross-entropy to the teacher, whose gradient is forward KL's)."""
 
     def __init__(self, task, kd_alpha, kd_temperature, label_smoothing, sentence_avg, kd_divergence="forward_kl",
-                 kd_jsd_beta=0.5, kd_atkd_alpha=0.2):
+                 kd_jsd_beta=0.5, kd_atkd_alpha=0.2, kd_teacher_topk=0):
         super().__init__(task)
-        self.set_divergence(kd_divergence, kd_jsd_beta, kd_atkd_alpha)
+        self.set_divergence(kd_divergence, kd_jsd_beta, kd_atkd_alpha, kd_teacher_topk)
         check_range("kd-alpha", kd_alpha, 0.0, 1.0)
         check_range("kd-temperature", kd_temperature, 0.0, float("inf"), low_open=True, high_open=True)
         check_range("label-smoothing", label_smoothing, 0.0, 1.0, high_open=True)
