@@ -83,13 +83,15 @@ def _hypothesis(ctx, method: str, seed: int, decode: str, scratch_dir: str) -> O
 
 
 def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
-    """Paired bootstrap of every method against scratch and of every ImitKD variant against word_kd and
-    against seqkd, each pair on the test outputs of the lowest seed that both have."""
+    """Paired bootstrap of every method against scratch, of every ImitKD variant against word_kd and
+    against seqkd, and of word_kd's other divergences against word_kd; each pair on the test outputs of
+    the lowest seed that both have."""
     import tempfile
 
     ref = os.path.join(ctx.args.text_dir, "test_2016_flickr.en")
     pairs = [("scratch", m) for m in present if m != "scratch"]
     pairs += [(base, m) for base in ("word_kd", "seqkd") for m in present if m.startswith("imitkd")]
+    pairs += [("word_kd", m) for m in present if m.startswith("word_kd_")]  # each divergence against forward KL
     out = []
     with tempfile.TemporaryDirectory() as scratch_dir:
         for decode, name in BOOTSTRAP_DECODES:

@@ -24,6 +24,13 @@ METHODS: Dict[str, dict] = {
     "imitkd_adaptive": dict(cost=2.8, data="gold", kd=True, label="ImitKD, agreement-clock beta"),
     "imitkd_full_adaptive": dict(cost=3.1, data="gold", kd=True, label="ImitKD+Full, agreement-clock beta"),
     "imitkd_token_adaptive": dict(cost=3.9, data="gold", kd=True, label="ImitKD+Full, token mixing, agreement-clock beta"),
+    # the divergence family (--kd-divergence), each against word_kd's forward KL
+    "word_kd_reverse_kl": dict(cost=2.3, data="gold", kd=True, label="Word-KD, reverse KL"),
+    "word_kd_jsd": dict(cost=2.3, data="gold", kd=True, label="Word-KD, generalized JSD (beta 0.5)"),
+    "word_kd_atkd": dict(cost=2.3, data="gold", kd=True, label="Word-KD, ATKD (alpha 0.2)"),
+    "imitkd_full_jsd": dict(cost=3.1, data="gold", kd=True,
+                            label="ImitKD+Full, agreement-clock beta, generalized JSD (beta 0.5)"),
+    "imitkd_full_atkd": dict(cost=3.1, data="gold", kd=True, label="ImitKD+Full, agreement-clock beta, ATKD"),
 }
 # three seeds for these in the quick tier, two for the rest
 MAIN_METHODS = ("scratch", "word_kd", "seqkd", "imitkd_full_adaptive", "imitkd_token_adaptive")
@@ -77,6 +84,11 @@ _METHOD_ARGS = {
     "imitkd_adaptive": _ADAPTIVE + _ARGMAX_TOPK,
     "imitkd_full_adaptive": _ADAPTIVE + _FULL_GREEDY,
     "imitkd_token_adaptive": _ADAPTIVE + _FULL_GREEDY + _TOKEN,
+    "word_kd_reverse_kl": _WORD_KD + ["--kd-divergence", "reverse_kl"],
+    "word_kd_jsd": _WORD_KD + ["--kd-divergence", "jsd", "--kd-jsd-beta", "0.5"],
+    "word_kd_atkd": _WORD_KD + ["--kd-divergence", "atkd", "--kd-atkd-alpha", "0.2"],
+    "imitkd_full_jsd": _ADAPTIVE + _FULL_GREEDY + ["--kd-divergence", "jsd", "--kd-jsd-beta", "0.5"],
+    "imitkd_full_atkd": _ADAPTIVE + _FULL_GREEDY + ["--kd-divergence", "atkd", "--kd-atkd-alpha", "0.2"],
     "imitkd_full_base10": _imitkd("10") + _FULL_GREEDY,
     "imitkd_full_beta1": _constant("1") + _FULL_GREEDY,
     "imitkd_full_beta0": _constant("0") + _FULL_GREEDY,
