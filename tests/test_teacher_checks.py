@@ -246,3 +246,14 @@ def test_a_teacher_file_that_is_no_readable_checkpoint_is_named(toy_data, teache
         assert not marker.exists(), "the pickled object must not be executed"
     else:
         assert "cannot be read" in msg and "truncated" in msg, msg
+
+
+def test_a_split_whose_sides_differ_in_length_is_named(toy_data, tmp_path):
+    """A seq-KD directory with fewer targets than sources (here: train's targets replaced by valid's)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(toy_data, bad)
+    for ext in ("bin", "idx"):
+        shutil.copy(toy_data / f"valid.src-tgt.tgt.{ext}", bad / f"train.src-tgt.tgt.{ext}")
+    task, _, _ = build_training_objects(bad, "--task", "distillation", *STUDENT)
+    with pytest.raises(ValueError, match=r"split 'train' of .*: 2000 source sentences \(src\) but 100 targets"):
+        task.load_dataset("train")

@@ -140,6 +140,25 @@ class DistillationTask(TranslationTask):
             self._teacher.to(device=device, dtype=self.teacher_dtype)
         return self._teacher
 
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        """fairseq's, with its bare assertion on a split whose two sides differ in length (a seq-KD corpus
+        written by hand or cut short) turned into an error that names the split and both counts."""
+        try:
+            super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        except AssertionError as e:
+            if "same number of examples" not in str(e):
+                raise
+            from fairseq.data import data_utils
+
+            prefix = os.path.join(self.cfg.data.split(os.pathsep)[0], f"{split}.{self.cfg.source_lang}-"
+                                  f"{self.cfg.target_lang}.")
+            counts = {lang: len(data_utils.load_indexed_dataset(prefix + lang, d))
+                      for lang, d in ((self.cfg.source_lang, self.src_dict), (self.cfg.target_lang, self.tgt_dict))}
+            raise ValueError(f"split {split!r} of {self.cfg.data}: {counts[self.cfg.source_lang]} source sentences "
+                             f"({self.cfg.source_lang}) but {counts[self.cfg.target_lang]} targets "
+                             f"({self.cfg.target_lang}); every source line needs its target (rebuild a seq-KD corpus "
+                             "with imitkd-seqkd)") from e
+
     def get_batch_iterator(self, dataset, **kwargs):
         """fairseq builds a run's training batches once, seeded by the epoch its iterator is created in:
         epoch 1 in an uninterrupted run, the epoch it resumes in after a restart. A run resumed after its
