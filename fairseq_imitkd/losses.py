@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 from torch import Tensor
 
+from .errors import OptionError
+
 
 def _full(x: Tensor) -> Tensor:
     """Half-precision inputs (an fp16/bf16 student or teacher) are reduced in float32."""
@@ -114,7 +116,7 @@ def imitkd_loss(student_lprobs: Tensor, target: str, *, teacher_lprobs: Optional
     label-smoothed with ``epsilon`` as fairseq smooths gold targets.
     """
     if target not in IMITKD_TARGETS:
-        raise ValueError(f"unknown ImitKD target {target!r}; valid: {', '.join(IMITKD_TARGETS)}")
+        raise OptionError(f"unknown ImitKD target {target!r}; valid: {', '.join(IMITKD_TARGETS)}")
     if target == "full":
         return kd_divergence(divergence, student_lprobs, teacher_lprobs, next_tokens=next_tokens, **divergence_args)
     hard = imitkd_targets(gold, teacher_argmax, on_policy)
@@ -152,7 +154,7 @@ def jsd(student_lprobs: Tensor, teacher_lprobs: Tensor, beta: float = 0.5) -> Te
     ``β·KL(p_T‖M) + (1-β)·KL(p_S‖M)`` with ``M = β·p_T + (1-β)·p_S``. β=0 is forward KL(p_T‖p_S) and β=1
     reverse KL(p_S‖p_T), computed as such (the mixture formula degenerates to 0 there)."""
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"--kd-jsd-beta must be in [0, 1], got {beta}")
+        raise OptionError(f"--kd-jsd-beta must be in [0, 1], got {beta}")
     if beta == 0.0:
         return forward_kl(student_lprobs, teacher_lprobs)
     if beta == 1.0:
@@ -193,7 +195,7 @@ def atkd(student_lprobs: Tensor, teacher_lprobs: Tensor, next_tokens: Tensor, al
     ``--sentence-avg``) gives the reference's value. A batch-level loss: it is not a sum over positions.
     """
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"--kd-atkd-alpha must be in [0, 1], got {alpha}")
+        raise OptionError(f"--kd-atkd-alpha must be in [0, 1], got {alpha}")
     s, t = _full(student_lprobs), _full(teacher_lprobs)
     s_target, s_rest, s_others = _binary_and_rest(s, next_tokens)
     t_target, t_rest, t_others = _binary_and_rest(t, next_tokens)
@@ -238,11 +240,11 @@ def kd_divergence(name: str, student_lprobs: Tensor, teacher_lprobs: Tensor, *, 
     ``teacher_topk`` K > 0 compares the distributions on the teacher's K best tokens and a tail bucket
     (:func:`topk_with_tail`), after the temperature."""
     if name not in DIVERGENCES:
-        raise ValueError(f"unknown --kd-divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
+        raise OptionError(f"unknown --kd-divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
     if teacher_topk < 0:
-        raise ValueError(f"--kd-teacher-topk must be >= 0 (0: the whole distribution), got {teacher_topk}")
+        raise OptionError(f"--kd-teacher-topk must be >= 0 (0: the whole distribution), got {teacher_topk}")
     if teacher_topk and name == "atkd":
-        raise ValueError("--kd-teacher-topk does not apply to --kd-divergence atkd, which needs the probability "
+        raise OptionError("--kd-teacher-topk does not apply to --kd-divergence atkd, which needs the probability "
                          "of every next token")
     if name == "forward_kl" and not teacher_topk:
         return soft_cross_entropy(student_lprobs, teacher_lprobs, temperature).sum()
@@ -259,5 +261,5 @@ def kd_divergence(name: str, student_lprobs: Tensor, teacher_lprobs: Tensor, *, 
     if name == "tvd":
         return tvd(s, t).sum()
     if next_tokens is None:
-        raise ValueError("--kd-divergence atkd needs the next token of every position")
+        raise OptionError("--kd-divergence atkd needs the next token of every position")
     return atkd(s, t, next_tokens, atkd_alpha)

@@ -19,6 +19,8 @@ additions make β transfer across budgets:
 import math
 from typing import Optional
 
+from .errors import OptionError
+
 SCHEDULES = ("exponential", "linear", "reverse_sigmoid", "constant")
 
 
@@ -38,27 +40,27 @@ def check_schedule(
     than at its first update, possibly hours into a job.
     """
     if schedule not in SCHEDULES:
-        raise ValueError(
+        raise OptionError(
             f"unknown beta schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}"
         )
     if warmup < 0:
-        raise ValueError(f"--imitkd-beta-warmup-updates must be >= 0, got {warmup}")
+        raise OptionError(f"--imitkd-beta-warmup-updates must be >= 0, got {warmup}")
     if schedule == "constant":
         if not 0.0 <= constant <= 1.0:
-            raise ValueError(f"constant beta must lie in [0, 1], got {constant}")
+            raise OptionError(f"constant beta must lie in [0, 1], got {constant}")
         return
     if total_updates is not None and 0 < total_updates <= warmup:
-        raise ValueError(
+        raise OptionError(
             f"--imitkd-beta-warmup-updates ({warmup}) must be smaller than the schedule's horizon "
             f"({total_updates} updates)"
         )
     if total_updates is None or total_updates <= 0:
-        raise ValueError(
+        raise OptionError(
             f"the {schedule!r} beta schedule needs a horizon: set --imitkd-beta-updates "
             f"or --max-update to a positive number of updates (got {total_updates})"
         )
     if schedule in ("exponential", "reverse_sigmoid") and not base > 1.0:
-        raise ValueError(f"the {schedule!r} beta schedule needs base > 1, got {base}")
+        raise OptionError(f"the {schedule!r} beta schedule needs base > 1, got {base}")
 
 
 def beta(
@@ -77,7 +79,7 @@ def beta(
     """
     check_schedule(schedule, total_updates, base=base, constant=constant, warmup=warmup)
     if update_num < 0:
-        raise ValueError(f"update_num must be >= 0, got {update_num}")
+        raise OptionError(f"update_num must be >= 0, got {update_num}")
     if update_num < warmup:
         return 1.0
     if schedule == "constant":
@@ -117,7 +119,7 @@ def shape(schedule: str, progress: float, base: float = 200.0, constant: float =
         start, end = curve(0.0), curve(1.0)
         value = (curve(frac) - end) / (start - end)
     else:
-        raise ValueError(f"unknown beta schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+        raise OptionError(f"unknown beta schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
     return min(1.0, max(0.0, float(value)))
 
 
@@ -150,9 +152,9 @@ class AgreementClock:
 
     def __init__(self, low: float = 0.45, high: float = 0.6, momentum: float = 0.95):
         if not 0.0 <= low < high <= 1.0:
-            raise ValueError(f"the agreement clock needs 0 <= low < high <= 1, got low={low}, high={high}")
+            raise OptionError(f"the agreement clock needs 0 <= low < high <= 1, got low={low}, high={high}")
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"the agreement clock's momentum must be in [0, 1), got {momentum}")
+            raise OptionError(f"the agreement clock's momentum must be in [0, 1), got {momentum}")
         self.low, self.high, self.momentum = low, high, momentum
         self.ema: Optional[float] = None
         self.progress = 0.0

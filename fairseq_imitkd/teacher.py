@@ -20,12 +20,13 @@ from fairseq.data import Dictionary
 from torch import Tensor
 
 from .checkpoint_loading import read_checkpoint_lazily
+from .errors import ImitKDError
 from .scoring import scored_log_probs
 
 logger = logging.getLogger(__name__)
 
 
-class TeacherError(ValueError):
+class TeacherError(ImitKDError):
     """A teacher checkpoint or its dictionaries cannot be used with this task."""
 
 

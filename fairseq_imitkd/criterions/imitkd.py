@@ -17,6 +17,7 @@ from omegaconf import II
 
 from .. import rollout as rollouts
 from .. import schedules
+from ..errors import OptionError
 from ..losses import IMITKD_TARGETS, imitkd_loss
 from ..rollout import rollout
 from ..schedules import AgreementClock, check_schedule, shape
@@ -122,7 +123,7 @@ class ImitKDCriterion(KDCriterion):
         super().__init__(task)
         self.set_divergence(kd_divergence, kd_jsd_beta, kd_atkd_alpha, kd_teacher_topk)
         if (self.divergence != "forward_kl" or kd_teacher_topk) and str(imitkd_target) != "full":
-            raise ValueError("--kd-divergence and --kd-teacher-topk compare whole distributions: they need "
+            raise OptionError("--kd-divergence and --kd-teacher-topk compare whole distributions: they need "
                              "--imitkd-target full (argmax targets are one-hot)")
         self.target = str(imitkd_target)
         self.mix = str(imitkd_mix)
@@ -136,9 +137,9 @@ class ImitKDCriterion(KDCriterion):
         check_range("imitkd-max-len-a", imitkd_max_len_a, 0.0, float("inf"), high_open=True)
         check_range("label-smoothing", label_smoothing, 0.0, 1.0, high_open=True)
         if imitkd_beta_updates < 0:
-            raise ValueError(f"--imitkd-beta-updates must be >= 0, got {imitkd_beta_updates}")
+            raise OptionError(f"--imitkd-beta-updates must be >= 0, got {imitkd_beta_updates}")
         if imitkd_beta_warmup_updates < 0:
-            raise ValueError(f"--imitkd-beta-warmup-updates must be >= 0, got {imitkd_beta_warmup_updates}")
+            raise OptionError(f"--imitkd-beta-warmup-updates must be >= 0, got {imitkd_beta_warmup_updates}")
         if self.schedule in ("exponential", "reverse_sigmoid"):
             check_range("imitkd-beta-base", imitkd_beta_base, 1.0, float("inf"), low_open=True, high_open=True)
         self.warmup = imitkd_beta_warmup_updates
@@ -148,7 +149,7 @@ class ImitKDCriterion(KDCriterion):
             check_range("imitkd-agree-high", imitkd_agree_high, 0.0, 1.0, low_open=True)
             check_range("imitkd-agree-momentum", imitkd_agree_momentum, 0.0, 1.0, high_open=True)
             if not imitkd_agree_low < imitkd_agree_high:
-                raise ValueError(f"--imitkd-agree-low ({imitkd_agree_low}) must be below --imitkd-agree-high "
+                raise OptionError(f"--imitkd-agree-low ({imitkd_agree_low}) must be below --imitkd-agree-high "
                                  f"({imitkd_agree_high})")
             self.clock = AgreementClock(imitkd_agree_low, imitkd_agree_high, imitkd_agree_momentum)
             check_schedule(self.schedule, 1, self.base, self.constant)  # progress replaces t/N: no horizon

@@ -8,6 +8,7 @@ from fairseq.criterions import FairseqCriterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
+from ..errors import OptionError
 from ..losses import DIVERGENCES
 from ..tasks.distillation import DistillationTask
 
@@ -37,12 +38,12 @@ class KDDivergenceConfig(FairseqDataclass):
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open=False, high_open=False) -> None:
-    """Raise a ValueError naming the flag when ``value`` is outside its range."""
+    """Raise an OptionError naming the flag when ``value`` is outside its range."""
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
     if below or above:
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-        raise ValueError(f"--{name} must be in {lo}{low}, {high}{hi}, got {value}")
+        raise OptionError(f"--{name} must be in {lo}{low}, {high}{hi}, got {value}")
 
 
 def summed(logging_outputs, key):
@@ -63,7 +64,7 @@ class KDCriterion(FairseqCriterion):
     def __init__(self, task):
         super().__init__(task)
         if not isinstance(task, DistillationTask):
-            raise ValueError(
+            raise OptionError(
                 f"criterion {type(self).__name__} needs the teacher of --task distillation, "
                 f"not --task {getattr(task.cfg, '_name', type(task).__name__)}"
             )
@@ -77,7 +78,7 @@ class KDCriterion(FairseqCriterion):
         check_range("kd-teacher-topk", kd_teacher_topk, 0, float("inf"), high_open=True)
         self.divergence = str(kd_divergence)
         if kd_teacher_topk and self.divergence == "atkd":
-            raise ValueError("--kd-teacher-topk does not apply to --kd-divergence atkd")
+            raise OptionError("--kd-teacher-topk does not apply to --kd-divergence atkd")
         self.divergence_args = {"jsd_beta": kd_jsd_beta, "atkd_alpha": kd_atkd_alpha,
                                 "teacher_topk": kd_teacher_topk}
 

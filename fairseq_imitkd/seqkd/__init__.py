@@ -9,7 +9,8 @@ teacher's K-best, the candidate closest to the reference by smoothed sentence BL
   ``.bin``/``.idx`` written atomically, merged and copied);
 - ``cli``: the command line, its checks, and the build and resume logic.
 """
+from ..errors import ImitKDError
 
 
-class SeqKDError(ValueError):
+class SeqKDError(ImitKDError):
     """Bad input or output location for a seq-KD corpus; the message says what and how to fix it."""

@@ -10,6 +10,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
 from ..checkpoint_loading import read_checkpoint_lazily
+from ..errors import ImitKDError, OptionError
 from ..teacher import TeacherBase, check_teacher_files, load_teacher
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class DistillationTask(TranslationTask):
     def __init__(self, cfg: DistillationConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         if cfg.teacher_fp16 and cfg.teacher_bf16:
-            raise ValueError("--teacher-fp16 and --teacher-bf16 are exclusive")
+            raise OptionError("--teacher-fp16 and --teacher-bf16 are exclusive")
         self._teacher: Optional[TeacherBase] = None
         self._criterion = None
         self._resume_checked = False
@@ -154,7 +155,7 @@ class DistillationTask(TranslationTask):
                                   f"{self.cfg.target_lang}.")
             counts = {lang: len(data_utils.load_indexed_dataset(prefix + lang, d))
                       for lang, d in ((self.cfg.source_lang, self.src_dict), (self.cfg.target_lang, self.tgt_dict))}
-            raise ValueError(f"split {split!r} of {self.cfg.data}: {counts[self.cfg.source_lang]} source sentences "
+            raise ImitKDError(f"split {split!r} of {self.cfg.data}: {counts[self.cfg.source_lang]} source sentences "
                              f"({self.cfg.source_lang}) but {counts[self.cfg.target_lang]} targets "
                              f"({self.cfg.target_lang}); every source line needs its target (rebuild a seq-KD corpus "
                              "with imitkd-seqkd)") from e
