@@ -118,7 +118,9 @@ def test_teacher_dictionary_in_another_order_stops_fairseq_train(toy_data, teach
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
     assert proc.returncode != 0, proc.stderr[-3000:]
-    assert "TeacherError" in proc.stderr, proc.stderr[-3000:]
+    # one line, no traceback through fairseq's trainer
+    assert proc.stderr.strip().splitlines()[-1].startswith("TeacherError: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     index = 4  # line 0 of a dict file is symbol 4: fairseq's <s>, <pad>, </s>, <unk> come first
     assert "source dictionary mismatch" in proc.stderr, proc.stderr[-3000:]
     assert f"first difference at index {index}: task {first!r}, teacher {second!r}" in proc.stderr, proc.stderr[-3000:]
@@ -257,3 +259,64 @@ def test_a_split_whose_sides_differ_in_length_is_named(toy_data, tmp_path):
     task, _, _ = build_training_objects(bad, "--task", "distillation", *STUDENT)
     with pytest.raises(ValueError, match=r"split 'train' of .*: 2000 source sentences \(src\) but 100 targets"):
         task.load_dataset("train")
+
+
+# --- a student whose dictionaries do not match the data ---------------------------------------------
+
+
+def _other_vocabulary(tmp_path: Path, joined: bool) -> Path:
+    """A toy corpus whose dictionaries differ from the toy data's: other symbols, or one per side."""
+    from conftest import fairseq_preprocess
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(5)) for i in range(60)]
+    for split in ("train", "valid"):
+        (raw / f"{split}.src").write_text("".join(r + "\n" for r in rows))
+        (raw / f"{split}.tgt").write_text("".join(r.upper() + "\n" for r in rows))
+    out = tmp_path / "bin"
+    fairseq_preprocess("--source-lang", "src", "--target-lang", "tgt", "--trainpref", raw / "train",
+                       "--validpref", raw / "valid", "--destdir", out, "--workers", "1",
+                       *(["--joined-dictionary"] if joined else []))
+    return out
+
+
+def test_a_student_sharing_embeddings_over_two_dictionaries_is_named(tmp_path):
+    """fairseq's own check, kept: its message says what is wrong and which flag asks for it."""
+    data = _other_vocabulary(tmp_path, joined=False)
+    with pytest.raises(ValueError, match="--share-all-embeddings requires a joined dictionary"):
+        build_training_objects(data, "--task", "translation", *STUDENT)
+
+
+def test_continuing_a_student_on_data_of_another_dictionary_is_named(word_kd_student, toy_data, tmp_path):
+    """fairseq alone says only "please ensure that the architectures match"; the task names the dictionaries."""
+    from conftest import COMMON_TRAIN, fairseq_train
+
+    data = _other_vocabulary(tmp_path, joined=True)
+    start = word_kd_student / "checkpoint_best.pt"
+    with pytest.raises(ValueError) as info:
+        fairseq_train(data, "--task", "distillation", "--criterion", "cross_entropy", *STUDENT, *COMMON_TRAIN,
+                      "--finetune-from-model", start, "--max-update", "1", "--save-dir", tmp_path / "save")
+    from fairseq.data import Dictionary
+
+    trained, here = (len(Dictionary.load(str(d / "dict.src.txt"))) for d in (toy_data, data))
+    msg = str(info.value)
+    assert str(start) in msg and f"source dictionary of {trained} symbols, but {data} has {here}" in msg, msg
+    assert not list((tmp_path / "save").glob("*.pt"))
+
+
+def test_a_student_checkpoint_records_its_dictionaries(word_kd_student, toy_data, tmp_path):
+    """Same size, another order: only the fingerprints the task saves can tell."""
+    from conftest import COMMON_TRAIN, fairseq_train
+
+    state = torch.load(word_kd_student / "checkpoint_best.pt")
+    assert state["task_state"]["dictionaries"]["src"]["size"] == len(torch.load(word_kd_student / "checkpoint_best.pt")
+                                                                      ["model"]["encoder.embed_tokens.weight"])
+    data = tmp_path / "reordered"
+    shutil.copytree(toy_data, data)
+    for name in DICTS:  # the joined dictionary, reordered on both sides
+        swap_lines(data / name, 0, 5)
+    with pytest.raises(ValueError, match=r"another source dictionary than .*\(the same size"):
+        fairseq_train(data, "--task", "distillation", "--criterion", "cross_entropy", *STUDENT, *COMMON_TRAIN,
+                      "--finetune-from-model", word_kd_student / "checkpoint_best.pt", "--max-update", "1",
+                      "--save-dir", tmp_path / "save")

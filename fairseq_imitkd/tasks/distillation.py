@@ -1,4 +1,5 @@
 """The ``distillation`` task: fairseq's translation task plus a lazily loaded, frozen teacher."""
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -37,9 +38,16 @@ class DistillationConfig(TranslationConfig):
     # where fairseq-train resumes from: the task restores its own state from there (see _resume_state)
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
+    finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
     checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
 
 SCHEDULE_STATE = "kd_schedule"
+DICTIONARIES = "dictionaries"
+
+
+def dictionary_fingerprint(d) -> dict:
+    """Size and hash of a dictionary's symbols in order: fairseq checkpoints hold no dictionaries."""
+    return {"size": len(d), "sha1": hashlib.sha1("\n".join(d.symbols).encode("utf-8")).hexdigest()}
 
 
 @register_task("distillation", dataclass=DistillationConfig)
@@ -87,6 +95,8 @@ class DistillationTask(TranslationTask):
     # it itself from the checkpoint that fairseq resumed from, at the first training step.
     def state_dict(self):
         state = dict(super().state_dict())
+        state[DICTIONARIES] = {side: dictionary_fingerprint(d) for side, d in (("src", self.src_dict),
+                                                                                ("tgt", self.tgt_dict))}
         schedule = getattr(self._criterion, "schedule_state", lambda: None)()
         if schedule is not None:
             state[SCHEDULE_STATE] = schedule
@@ -95,6 +105,7 @@ class DistillationTask(TranslationTask):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         schedule = state_dict.pop(SCHEDULE_STATE, None)
+        state_dict.pop(DICTIONARIES, None)
         super().load_state_dict(state_dict)
         # fairseq calls this only when it loads a model for inference (no criterion); a caller that built
         # the criterion first gets the state handed on
@@ -125,6 +136,38 @@ class DistillationTask(TranslationTask):
             return
         criterion.load_schedule_state(schedule)
         logger.info("restored the β schedule state from %s: %s", path, schedule)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if not from_checkpoint:
+            self.check_start_checkpoint()
+        return model
+
+    def check_start_checkpoint(self) -> None:
+        """A run that resumes or continues (``--finetune-from-model``) a student trained on data binarized
+        with other dictionaries would load its embeddings against the wrong symbols: silently when the
+        sizes agree, else with fairseq's "please ensure that the architectures match". Compare first, with
+        the fingerprints this task saves, or the embedding sizes where a checkpoint has none."""
+        path = self._resume_path()
+        if not os.path.isfile(path):
+            path = self.cfg.finetune_from_model
+        if not path or not os.path.isfile(path):
+            return
+        state = read_checkpoint_lazily(path)
+        saved = (state.get("task_state") or {}).get(DICTIONARIES, {})
+        weights = state.get("model", {})
+        for side, name, d, key in (("source", "src", self.src_dict, "encoder.embed_tokens.weight"),
+                                   ("target", "tgt", self.tgt_dict, "decoder.embed_tokens.weight")):
+            here = dictionary_fingerprint(d)
+            there = saved.get(name) or ({"size": weights[key].shape[0]} if key in weights else None)
+            if there is None or all(there[k] == here[k] for k in there):
+                continue
+            what = (f"a {side} dictionary of {there['size']} symbols, but {self.cfg.data} has {here['size']}"
+                    if there["size"] != here["size"] else
+                    f"another {side} dictionary than {self.cfg.data} (the same size, other symbols or order)")
+            raise ImitKDError(
+                f"{path} was trained with {what}: binarize the data with the dictionaries that model was trained "
+                "with (fairseq-preprocess --srcdict/--tgtdict; fairseq checkpoints hold none)")
 
     def teacher(self, device: torch.device) -> TeacherBase:
         """The frozen teacher on ``device``, loaded on first use."""
