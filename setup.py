@@ -10,9 +10,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["fairseq_imitkd", "fairseq_imitkd.*"]),
-    # modules outside the package, so that they need not import torch/fairseq: the console script,
+    # modules outside the package, so that they need not import torch/fairseq: two console scripts,
     # and what the recipes and benchmarks use to drive and read fairseq-generate
-    py_modules=["fairseq_imitkd_user_dir", "fairseq_generate_io"],
+    py_modules=["fairseq_imitkd_user_dir", "fairseq_generate_io", "fairseq_imitkd_translate"],
     install_requires=[
         # ve-fairseq is a build of fairseq main with wheels for Python 3.11/3.12 (see README:
         # the official fairseq 0.12.2 neither installs with pip>=24.1 nor imports on Python>=3.11).
@@ -37,6 +37,8 @@ setup(
         "console_scripts": [
             "imitkd-user-dir=fairseq_imitkd_user_dir:main",
             "imitkd-seqkd=fairseq_imitkd.seqkd.cli:main",
+            "imitkd-export=fairseq_imitkd.export:main",
+            "imitkd-translate=fairseq_imitkd_translate:main",
         ],
     },
 )

@@ -6,9 +6,13 @@ checkpoints use for their whole config), and the numpy arrays of ``--eval-bleu``
 protection against arbitrary code in a checkpoint, which ``weights_only=False`` would throw away.
 """
 import argparse
+import re
+from typing import Type
 
 import numpy as np
 import torch
+
+from .errors import ImitKDError
 
 def _numpy_globals():
     """What pickling numpy arrays and scalars writes: the reconstructors, ``ndarray``, and the dtypes.
@@ -44,6 +48,36 @@ def read_checkpoint_lazily(path: str) -> dict:
         return torch.load(path, map_location="cpu", mmap=True)
     except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
         return torch.load(path, map_location="cpu")
+
+
+def unreadable_checkpoint(path: str, error: Exception, role: str, error_cls: Type[ImitKDError]) -> ImitKDError:
+    """A checkpoint torch cannot load, named with torch's own reason in one line (for a pickled global that
+    safe loading refuses, the global: it is never executed)."""
+    text = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return error_cls(f"{role} {path} holds a pickled global that safe loading refuses, {refused.group(1)}; "
+                         "nothing was executed. Load only checkpoints you trust")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else type(error).__name__
+    return error_cls(f"{role} {path} cannot be read ({type(error).__name__}: {reason[:200]}): a truncated file, "
+                     "or not a checkpoint written by torch.save")
+
+
+def read_fairseq_checkpoint(path: str, role: str = "checkpoint", error_cls: Type[ImitKDError] = ImitKDError) -> dict:
+    """A fairseq checkpoint's state, its tensors memory-mapped; a missing, unreadable, unsafe or foreign file is
+    one ``error_cls`` line that starts with ``role`` and the path."""
+    try:
+        state = read_checkpoint_lazily(path)
+    except FileNotFoundError as e:
+        raise error_cls(f"{role} {path} does not exist") from e
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file; each becomes one line
+        raise unreadable_checkpoint(path, e, role, error_cls) from e
+    if not isinstance(state, dict):
+        raise error_cls(f"{role} {path} holds a {type(state).__name__}, not a fairseq checkpoint")
+    if state.get("cfg") is None and state.get("args") is None:
+        raise error_cls(f"{role} {path} holds neither 'cfg' nor 'args': not a fairseq checkpoint")
+    return state
 
 
 allow_fairseq_checkpoints()

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 from typing import ContextManager, List, Optional, Sequence
 
 import torch
@@ -19,7 +18,7 @@ from fairseq import checkpoint_utils, tasks, utils
 from fairseq.data import Dictionary
 from torch import Tensor
 
-from .checkpoint_loading import read_checkpoint_lazily
+from .checkpoint_loading import read_fairseq_checkpoint
 from .errors import ImitKDError
 from .scoring import scored_log_probs
 
@@ -35,34 +34,13 @@ def split_teacher_paths(teacher_path: Optional[str]) -> List[str]:
     return [p for p in utils.split_paths(teacher_path or "") if p]
 
 
-def _unreadable(path: str, error: Exception) -> TeacherError:
-    """A checkpoint torch cannot load, named with torch's own reason in one line (for a pickled global that
-    safe loading refuses, the global: it is never executed)."""
-    text = str(error)
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if refused:
-        return TeacherError(f"teacher checkpoint {path} holds a pickled global that safe loading refuses, "
-                            f"{refused.group(1)}; nothing was executed. Load only checkpoints you trust")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = lines[0] if lines else type(error).__name__
-    return TeacherError(f"teacher checkpoint {path} cannot be read ({type(error).__name__}: {reason[:200]}): "
-                        "a truncated file, or not a checkpoint written by torch.save")
-
-
 def read_checkpoint_config(path: str):
     """The ``(task, model)`` config sections of a checkpoint, without reading its weights into memory."""
-    try:
-        state = read_checkpoint_lazily(path)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file; each becomes one line
-        raise _unreadable(path, e) from e
-    if not isinstance(state, dict):
-        raise TeacherError(f"teacher checkpoint {path} holds a {type(state).__name__}, not a fairseq checkpoint")
+    state = read_fairseq_checkpoint(path, "teacher checkpoint", TeacherError)
     cfg = state.get("cfg")
     if cfg is not None:
         return cfg["task"], cfg["model"]
-    args = state.get("args")
-    if args is None:
-        raise TeacherError(f"teacher checkpoint {path} holds neither 'cfg' nor 'args': not a fairseq checkpoint")
+    args = state["args"]
     return vars(args), vars(args)
 
 

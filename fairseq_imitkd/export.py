@@ -1,0 +1,159 @@
+"""``imitkd-export``: a student checkpoint to a CTranslate2 model directory, for deployment.
+
+A student exists to be fast, and fairseq's generator spends most of a small student's decoding time in
+per-step Python. CTranslate2 ships a fairseq converter; this command calls it with what a student of
+this plugin needs: the plugin as its user dir (the ``distillation`` task is rebuilt with no teacher
+file around), torch's safe loading with fairseq's allow-list, the student's own dictionaries, and the
+sentencepiece model copied beside the weights so that ``imitkd-translate`` reads raw text. It writes
+into a temporary directory and renames it at the end, so a failure leaves nothing behind.
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from typing import List, Optional
+
+from .checkpoint_loading import read_fairseq_checkpoint
+from .errors import ImitKDError
+
+logger = logging.getLogger(__name__)
+
+USER_DIR = os.path.dirname(os.path.abspath(__file__))
+#: CTranslate2's weight types: float32 and int8 for CPUs, int8_float16 / float16 for GPUs
+QUANTIZATIONS = ("float32", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16")
+MANIFEST = "imitkd_export.json"
+SPM_NAME = "spm.model"
+
+
+class ExportError(ImitKDError):
+    """A checkpoint, dictionary or output directory that cannot give a CTranslate2 model."""
+
+
+def _config_value(section, key):
+    return section.get(key) if hasattr(section, "get") else getattr(section, key, None)
+
+
+def _task_config(state: dict):
+    cfg = state.get("cfg")
+    return cfg["task"] if cfg is not None else state["args"]
+
+
+def check_output_dir(out: str, force: bool) -> None:
+    """An existing output directory is replaced only when it holds a CTranslate2 model and ``force`` is set."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise ExportError(f"output {out} exists and is not a directory")
+    entries = os.listdir(out)
+    if not entries:
+        return
+    if "model.bin" not in entries:
+        raise ExportError(f"output directory {out} is not empty and holds no CTranslate2 model: choose another")
+    if not force:
+        raise ExportError(f"output directory {out} holds another CTranslate2 model: pass --force to replace it")
+
+
+def resolve_data(state: dict, checkpoint: str, data: Optional[str]) -> tuple:
+    """``(data dir, source lang, target lang)``: the dictionaries the student was trained with."""
+    task = _task_config(state)
+    src, tgt = _config_value(task, "source_lang"), _config_value(task, "target_lang")
+    if data is None:
+        recorded = _config_value(task, "data")
+        data = recorded.split(os.pathsep)[0] if recorded else None
+        if not data:
+            raise ExportError(f"{checkpoint} records no data directory: pass --data DIR with its dict.*.txt")
+    if src is None or tgt is None:  # fairseq infers the pair from the dictionary file names
+        langs = sorted(n[5:-4] for n in os.listdir(data) if n.startswith("dict.") and n.endswith(".txt")) \
+            if os.path.isdir(data) else []
+        if len(langs) != 2:
+            raise ExportError(f"cannot tell the language pair of {checkpoint} from {data} (dictionaries found: "
+                              f"{langs}): pass --source-lang and --target-lang")
+        src, tgt = src or langs[0], tgt or langs[1]
+    missing = [f"dict.{lang}.txt" for lang in (src, tgt) if not os.path.isfile(os.path.join(data, f"dict.{lang}.txt"))]
+    if missing:
+        raise ExportError(f"the data directory {data} lacks {', '.join(missing)}: pass --data DIR, the directory "
+                          "the student was binarized into")
+    return data, src, tgt
+
+
+def export(checkpoint: str, out: str, data: Optional[str] = None, quantization: str = "int8",
+           spm: Optional[str] = None, source_lang: Optional[str] = None, target_lang: Optional[str] = None,
+           force: bool = False) -> str:
+    """Convert ``checkpoint`` into the CTranslate2 model directory ``out``; return ``out``."""
+    try:
+        import ctranslate2
+    except ImportError as e:
+        raise ExportError("CTranslate2 is not installed: pip install ctranslate2 (or fairseq-imitkd[ct2])") from e
+    if quantization not in QUANTIZATIONS:
+        raise ExportError(f"--quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+    if spm is not None and not os.path.isfile(spm):
+        raise ExportError(f"--spm {spm} does not exist")
+    state = read_fairseq_checkpoint(checkpoint, "student checkpoint", ExportError)
+    if not isinstance(state.get("model"), dict) or not state["model"]:
+        raise ExportError(f"student checkpoint {checkpoint} holds no model weights")
+    data, src, tgt = resolve_data(state, checkpoint, data)
+    src, tgt = source_lang or src, target_lang or tgt
+    check_output_dir(out, force)
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".imitkd-export-", dir=parent)
+    try:
+        converter = ctranslate2.converters.FairseqConverter(checkpoint, data, source_lang=src, target_lang=tgt,
+                                                            user_dir=USER_DIR)
+        try:
+            converter.convert(tmp, quantization=quantization, force=True)
+        except (ValueError, NotImplementedError, KeyError, AttributeError) as e:
+            reason = " ".join(str(e).split())
+            raise ExportError(f"CTranslate2's fairseq converter cannot convert {checkpoint}: {reason}") from e
+        if spm is not None:
+            shutil.copyfile(spm, os.path.join(tmp, SPM_NAME))
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data),
+                       "source_lang": src, "target_lang": tgt, "quantization": quantization,
+                       "spm": SPM_NAME if spm is not None else None,
+                       "ctranslate2": ctranslate2.__version__}, f, indent=1)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return out
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="imitkd-export",
+        description="Convert a student checkpoint trained with fairseq-imitkd into a CTranslate2 model directory.",
+    )
+    p.add_argument("checkpoint", help="the student's fairseq checkpoint (no teacher file is needed)")
+    p.add_argument("-o", "--output-dir", required=True, help="the CTranslate2 model directory to write")
+    p.add_argument("--data", help="the directory holding the student's dict.{src,tgt}.txt "
+                   "(default: the data directory recorded in the checkpoint)")
+    p.add_argument("--quantization", default="int8", choices=QUANTIZATIONS,
+                   help="weight type: float32 or int8 on CPUs, int8_float16 on GPUs (default: int8)")
+    p.add_argument("--spm", help="a sentencepiece model to copy beside the weights, for imitkd-translate")
+    p.add_argument("--source-lang", help="default: the checkpoint's")
+    p.add_argument("--target-lang", help="default: the checkpoint's")
+    p.add_argument("--force", action="store_true", help="replace an output directory that holds a CTranslate2 model")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
+                        stream=sys.stderr)
+    try:
+        out = export(args.checkpoint, args.output_dir, data=args.data, quantization=args.quantization,
+                     spm=args.spm, source_lang=args.source_lang, target_lang=args.target_lang, force=args.force)
+    except ImitKDError as e:
+        raise SystemExit(f"imitkd-export: {e}") from None
+    logger.info("wrote %s (%s)", out, args.quantization)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""``imitkd-translate``: translate a text file with a student exported by ``imitkd-export`` (CTranslate2).
+
+Raw text in, raw text out when the export holds a sentencepiece model (or ``--spm`` names one);
+space-separated pieces in and out otherwise. CTranslate2's ``translate_file`` does the reading, batching
+by length, decoding and writing; this command only hands it sentencepiece as its tokenizer. It lives
+outside the package, as ``imitkd-user-dir`` does: a deployed student needs neither torch nor fairseq.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+logger = logging.getLogger("imitkd-translate")
+SPM_NAME = "spm.model"  # what imitkd-export copies beside the weights
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="imitkd-translate",
+                                description="Translate a text file with a CTranslate2 model written by imitkd-export.")
+    p.add_argument("model", help="the directory imitkd-export wrote")
+    p.add_argument("-i", "--input", required=True, help="source text, one sentence per line")
+    p.add_argument("-o", "--output", required=True, help="where the translations go, one per line")
+    p.add_argument("--spm", help=f"sentencepiece model (default: MODEL/{SPM_NAME} if present, else the input is "
+                   "already split into pieces)")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1: greedy; default 1)")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of one translation (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--compute-type", default="default",
+                   help="CTranslate2 compute type (default: the type the model was exported with)")
+    p.add_argument("--max-len", type=int, default=200,
+                   help="most target pieces per sentence (default 200, fairseq-generate's own limit)")
+    p.add_argument("--use-vmap", action="store_true",
+                   help="restrict the output vocabulary with the model's vmap.txt (see CTranslate2)")
+    p.add_argument("--stats", help="write the timing (sentences, target tokens, seconds) to this JSON file")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> Optional[str]:
+    """The sentencepiece model to use; SystemExit with one line for anything unusable."""
+    if not os.path.isfile(os.path.join(args.model, "model.bin")):
+        raise SystemExit(f"imitkd-translate: {args.model} is not a CTranslate2 model directory (no model.bin): "
+                         "export the student with imitkd-export")
+    if not os.path.isfile(args.input):
+        raise SystemExit(f"imitkd-translate: input {args.input} does not exist")
+    for name in ("beam", "batch_size", "threads", "max_len"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"imitkd-translate: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.use_vmap and not os.path.isfile(os.path.join(args.model, "vmap.txt")):
+        raise SystemExit(f"imitkd-translate: --use-vmap but {args.model} has no vmap.txt")
+    spm = args.spm or (os.path.join(args.model, SPM_NAME) if os.path.isfile(os.path.join(args.model, SPM_NAME))
+                       else None)
+    if spm is not None and not os.path.isfile(spm):
+        raise SystemExit(f"imitkd-translate: --spm {spm} does not exist")
+    return spm
+
+
+def translate(args: argparse.Namespace) -> dict:
+    import ctranslate2
+
+    spm_path = check_args(args)
+    tokenize = detokenize = None
+    if spm_path is not None:
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=spm_path)
+        tokenize = lambda line: sp.encode(line, out_type=str)  # noqa: E731
+        detokenize = sp.decode  # noqa: E731
+    translator = ctranslate2.Translator(args.model, device=args.device, compute_type=args.compute_type,
+                                        inter_threads=1, intra_threads=args.threads)
+    stats = translator.translate_file(
+        args.input, args.output, max_batch_size=args.batch_size, beam_size=args.beam,
+        max_decoding_length=args.max_len, use_vmap=args.use_vmap,
+        source_tokenize_fn=tokenize, target_detokenize_fn=detokenize,
+    )
+    seconds = stats.total_time_in_ms / 1000
+    return {"sentences": stats.num_examples, "target_tokens": stats.num_tokens, "seconds": round(seconds, 4),
+            "sentences_per_second": round(stats.num_examples / max(seconds, 1e-9), 1),
+            "beam": args.beam, "batch_size": args.batch_size, "threads": args.threads, "device": args.device}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
+                        stream=sys.stderr)
+    result = translate(args)
+    logger.info("%d sentences, %d target tokens in %.2f s (%.1f sentences/s)", result["sentences"],
+                result["target_tokens"], result["seconds"], result["sentences_per_second"])
+    if args.stats:
+        with open(args.stats, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

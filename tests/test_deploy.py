@@ -1,0 +1,126 @@
+"""Deployment: ``imitkd-export`` turns a student into a CTranslate2 model, ``imitkd-translate`` translates
+a file with it, and the output is fairseq-generate's. Run as users run them: console scripts in
+subprocesses, on the word_kd student (whose teacher file is gone)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import fairseq_generate
+
+pytest.importorskip("ctranslate2")
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _export(*args):
+    return subprocess.run([sys.executable, "-m", "fairseq_imitkd.export", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+
+
+def _translate(*args):
+    return subprocess.run([sys.executable, "-m", "fairseq_imitkd_translate", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+
+
+def _one_line_error(proc, prog):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"{prog}: ") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def test_split(word_kd_student, toy_data, tmp_path_factory):
+    """The toy test sources (pieces) and fairseq-generate's greedy output at its default length limit."""
+    hyps, out = fairseq_generate(toy_data, "--path", word_kd_student / "checkpoint_best.pt", "--beam", "1",
+                                 "--batch-size", "64", "--required-batch-size-multiple", "1", "--cpu")
+    sources = {int(line.split("\t")[0][2:]): line.split("\t")[1] for line in out.splitlines()
+               if line.startswith("S-")}
+    ids = sorted(sources)
+    assert ids == sorted(hyps) and len(ids) == 100
+    path = tmp_path_factory.mktemp("deploy") / "test.src"
+    path.write_text("".join(sources[i] + "\n" for i in ids))
+    return path, [hyps[i] for i in ids]
+
+
+def _export_and_translate(student, source, model, quantization):
+    proc = _export(student / "checkpoint_best.pt", "-o", model, "--quantization", quantization)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (model / "model.bin").is_file() and (model / "imitkd_export.json").is_file()
+    out = model.parent / f"{quantization}.out.txt"
+    proc = _translate(model, "-i", source, "-o", out, "--beam", "1", "--batch-size", "16",
+                      "--stats", model.parent / "stats.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out.read_text().splitlines()
+
+
+def test_an_exported_student_translates_as_fairseq_does(word_kd_student, test_split, tmp_path):
+    """float32 is the same computation in another engine: every sentence must come out the same."""
+    source, fairseq_out = test_split
+    assert _export_and_translate(word_kd_student, source, tmp_path / "ct2", "float32") == fairseq_out
+
+
+def test_an_int8_export_is_smaller_and_well_formed(word_kd_student, test_split, toy_data, tmp_path):
+    """int8 is lossy: on this barely trained toy student about half the greedy outputs differ somewhere
+    (its argmaxes are near ties), so the check here is the size (0.73 of float32 for this d=32 student,
+    whose layer norms and biases stay float32) and a well-formed output; BLEU against the float32
+    student belongs to a benchmark on real data."""
+    source, fairseq_out = test_split
+    f32 = tmp_path / "f32"
+    _export_and_translate(word_kd_student, source, f32, "float32")
+    out = _export_and_translate(word_kd_student, source, tmp_path / "int8", "int8")
+    ratio = (tmp_path / "int8" / "model.bin").stat().st_size / (f32 / "model.bin").stat().st_size
+    assert ratio < 0.8, ratio
+    vocabulary = {line.split()[0] for line in (toy_data / "dict.tgt.txt").read_text().splitlines()}
+    assert len(out) == len(fairseq_out) and all(set(line.split()) <= vocabulary for line in out)
+
+
+def test_export_copies_the_sentencepiece_model_and_translate_uses_it(word_kd_student, tmp_path):
+    """A sentencepiece model beside the weights is what imitkd-translate tokenizes raw text with."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    text = tmp_path / "spm.txt"
+    text.write_text("".join(f"s{i} s{(i * 7) % 24} s{(i * 5) % 24}\n" for i in range(200)))
+    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "spm"), vocab_size=30,
+                                             model_type="word", bos_id=-1, eos_id=-1)
+    model = tmp_path / "ct2"
+    proc = _export(word_kd_student / "checkpoint_best.pt", "-o", model, "--spm", tmp_path / "spm.model")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (model / "spm.model").read_bytes() == (tmp_path / "spm.model").read_bytes()
+    src = tmp_path / "in.txt"
+    src.write_text("s1 s2 s3\ns4 s5\n")
+    proc = _translate(model, "-i", src, "-o", tmp_path / "out.txt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (tmp_path / "out.txt").read_text().splitlines()
+    # detokenized by sentencepiece: words, not "▁"-marked pieces
+    assert len(lines) == 2 and all(lines) and not any("\u2581" in line for line in lines), lines
+
+
+def test_bad_exports_are_one_line_and_write_nothing(word_kd_student, tmp_path):
+    student = word_kd_student / "checkpoint_best.pt"
+    text = tmp_path / "not_a_checkpoint.pt"
+    text.write_text("hello\n")
+    msg = _one_line_error(_export(text, "-o", tmp_path / "a"), "imitkd-export")
+    assert str(text) in msg and "cannot be read" in msg, msg
+
+    # an architecture option the converter does not support
+    state = torch.load(student)
+    state["cfg"]["model"].activation_fn = "tanh"
+    unsupported = tmp_path / "tanh.pt"
+    torch.save(state, unsupported)
+    msg = _one_line_error(_export(unsupported, "-o", tmp_path / "b"), "imitkd-export")
+    assert "cannot convert" in msg and "--activation-fn tanh" in msg, msg
+
+    # a directory that holds another model is kept as it is
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.bin").write_bytes(b"another model")
+    msg = _one_line_error(_export(student, "-o", other), "imitkd-export")
+    assert "holds another CTranslate2 model" in msg and "--force" in msg, msg
+    assert (other / "model.bin").read_bytes() == b"another model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_checkpoint.pt", "other", "tanh.pt"]
+
+    msg = _one_line_error(_translate(tmp_path, "-i", text, "-o", tmp_path / "out.txt"), "imitkd-translate")
+    assert "not a CTranslate2 model directory" in msg, msg
