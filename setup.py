@@ -38,6 +38,7 @@ setup(
             "imitkd-user-dir=fairseq_imitkd_user_dir:main",
             "imitkd-seqkd=fairseq_imitkd.seqkd.cli:main",
             "imitkd-export=fairseq_imitkd.export:main",
+            "imitkd-teacher-cache=fairseq_imitkd.teacher_cache:main",
             "imitkd-translate=fairseq_imitkd_translate:main",
         ],
     },

@@ -54,6 +54,7 @@ def word_kd_loss(
     temperature: float = 1.0,
     epsilon: float = 0.0,
     divergence: str = "forward_kl",
+    teacher_index: Optional[Tensor] = None,
     **divergence_args,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Word-level KD: ``(1-α)·LS-NLL(gold) + α·T²·CE(p_T^T ‖ p_S^T)``, summed over the N positions.
@@ -66,7 +67,8 @@ def word_kd_loss(
             gradient scale of the KD term independent of T.
         epsilon: label smoothing of the gold term (fairseq's definition).
         divergence: the KD term (:func:`kd_divergence`; ATKD's next tokens are the gold ones), with its
-            ``jsd_beta`` / ``atkd_alpha``.
+            ``jsd_beta`` / ``atkd_alpha`` / ``teacher_topk``.
+        teacher_index: ``(N, K)`` the teacher's top tokens when they are known (a cached teacher).
 
     Returns:
         ``(loss, nll_loss, kd_loss)``: the total, the plain gold NLL (for logging) and the un-weighted
@@ -77,7 +79,7 @@ def word_kd_loss(
     else:  # the same value, without fairseq's 0·Σ log p term, which is NaN where the student has a -inf entry
         smoothed = nll = hard_cross_entropy(student_lprobs, target).sum()
     kd = kd_divergence(divergence, student_lprobs, teacher_lprobs, next_tokens=target, temperature=temperature,
-                       **divergence_args)
+                       teacher_index=teacher_index, **divergence_args)
     if alpha == 0.0:  # keep the gold-only loss bit-exact with label_smoothed_cross_entropy
         loss = smoothed
     else:
@@ -212,12 +214,18 @@ def atkd(student_lprobs: Tensor, teacher_lprobs: Tensor, next_tokens: Tensor, al
     return loss * s.size(0)
 
 
-def topk_with_tail(student_lprobs: Tensor, teacher_lprobs: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+def topk_with_tail(student_lprobs: Tensor, teacher_lprobs: Tensor, k: int,
+                   index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Both distributions over the teacher's ``k`` most likely tokens plus one tail bucket holding the rest
     of each one's mass: ``(N, k+1)`` log-probs, student first. What a teacher that keeps (or caches) only
-    its top k can be compared on; with ``k`` the vocabulary size, the tail is empty and nothing changes."""
-    k = min(k, teacher_lprobs.size(-1))
-    t_top, index = teacher_lprobs.topk(k, dim=-1)
+    its top k can be compared on; with ``k`` the vocabulary size, the tail is empty and nothing changes.
+    ``index``: the ``(N, k)`` top tokens where they are known already (a cached teacher's), so that a tie in
+    the rest of its mass cannot pick other ones."""
+    if index is None:
+        k = min(k, teacher_lprobs.size(-1))
+        t_top, index = teacher_lprobs.topk(k, dim=-1)
+    else:
+        t_top = teacher_lprobs.gather(-1, index)
     s_top = student_lprobs.gather(-1, index)
 
     def tail(lprobs: Tensor) -> Tensor:
@@ -233,12 +241,12 @@ def topk_with_tail(student_lprobs: Tensor, teacher_lprobs: Tensor, k: int) -> Tu
 
 def kd_divergence(name: str, student_lprobs: Tensor, teacher_lprobs: Tensor, *, next_tokens: Optional[Tensor] = None,
                   temperature: float = 1.0, jsd_beta: float = 0.5, atkd_alpha: float = 0.2,
-                  teacher_topk: int = 0) -> Tensor:
+                  teacher_topk: int = 0, teacher_index: Optional[Tensor] = None) -> Tensor:
     """The KD term of ``--kd-divergence NAME`` over N positions, a scalar: the sum over positions (ATKD: its
     batch value times N). ``forward_kl`` is the soft cross-entropy, bit for bit the KD term of before: the
     forward KL plus the teacher's entropy, a constant for the student, so its gradient is the KL's.
     ``teacher_topk`` K > 0 compares the distributions on the teacher's K best tokens and a tail bucket
-    (:func:`topk_with_tail`), after the temperature."""
+    (:func:`topk_with_tail`), after the temperature; ``teacher_index`` names those K tokens (a cache's)."""
     if name not in DIVERGENCES:
         raise OptionError(f"unknown --kd-divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
     if teacher_topk < 0:
@@ -251,7 +259,7 @@ def kd_divergence(name: str, student_lprobs: Tensor, teacher_lprobs: Tensor, *, 
     s = _tempered(_full(student_lprobs), temperature)
     t = _tempered(_full(teacher_lprobs), temperature)
     if teacher_topk:
-        s, t = topk_with_tail(s, t, teacher_topk)
+        s, t = topk_with_tail(s, t, teacher_topk, teacher_index)
     if name == "forward_kl":
         return soft_cross_entropy(s, t).sum()
     if name == "reverse_kl":

@@ -8,10 +8,11 @@ data directory and compared with the student's symbol by symbol.
 """
 import abc
 import contextlib
+import hashlib
 import logging
 import math
 import os
-from typing import ContextManager, List, Optional, Sequence
+from typing import ContextManager, Dict, List, Optional, Sequence
 
 import torch
 from fairseq import checkpoint_utils, tasks, utils
@@ -27,6 +28,20 @@ logger = logging.getLogger(__name__)
 
 class TeacherError(ImitKDError):
     """A teacher checkpoint or its dictionaries cannot be used with this task."""
+
+
+def file_identity(path: str) -> Dict[str, object]:
+    """A teacher's content identity: a copied or moved teacher is the same teacher, a retrained one is not."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"sha256": digest.hexdigest(), "size": os.path.getsize(path)}
+
+
+def dictionary_fingerprint(d: Dictionary) -> dict:
+    """Size and hash of a dictionary's symbols in order: fairseq checkpoints hold no dictionaries."""
+    return {"size": len(d), "sha1": hashlib.sha1("\n".join(d.symbols).encode("utf-8")).hexdigest()}
 
 
 def split_teacher_paths(teacher_path: Optional[str]) -> List[str]:
@@ -221,6 +236,17 @@ class Teacher(TeacherBase):
         if len(out) == 1:
             return out[0]
         return torch.logsumexp(torch.stack(out), dim=0) - math.log(len(out))
+
+
+def translation_task(data: str, source_lang: Optional[str], target_lang: Optional[str]):
+    """fairseq's translation task over ``data``, as the teacher's offline tools (imitkd-seqkd, the teacher
+    cache) read a split; the fields fairseq fills from its global config when it builds the task itself
+    are given their defaults."""
+    from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+    cfg = TranslationConfig(data=data, source_lang=source_lang, target_lang=target_lang, train_subset="train",
+                            dataset_impl=None, required_seq_len_multiple=1)
+    return TranslationTask.setup_task(cfg)
 
 
 def load_teacher(

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from conftest import COMMON_TRAIN, REPO, USER_DIR

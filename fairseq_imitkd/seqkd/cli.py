@@ -47,9 +47,9 @@ import torch
 from fairseq import utils
 from fairseq.data import data_utils, indexed_dataset
 from fairseq.dataclass.configs import GenerationConfig
-from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from ..teacher import TeacherError, check_teacher_files, load_teacher, split_teacher_paths
+from ..teacher import (TeacherError, check_teacher_files, file_identity, load_teacher, split_teacher_paths,
+                       translation_task)
 from . import SeqKDError
 from .corpus_files import (
     MANIFEST,
@@ -59,7 +59,6 @@ from .corpus_files import (
     clear_output,
     copy_file,
     copy_indexed,
-    file_identity,
     file_stat,
     merge_indexed,
     read_manifest,
@@ -295,12 +294,7 @@ def device_name(use_cuda: bool) -> str:
 def setup_task(args):
     """fairseq's translation task over DATA, and the one check of the teacher's files: they exist, and
     their dictionaries (from --teacher-data or the checkpoint's defaults) equal DATA's symbol by symbol."""
-    cfg = TranslationConfig(
-        data=args.data, source_lang=args.source_lang, target_lang=args.target_lang,
-        # the fields fairseq fills from its global config when it builds the task itself
-        train_subset="train", dataset_impl=None, required_seq_len_multiple=1,
-    )
-    task = TranslationTask.setup_task(cfg)
+    task = translation_task(args.data, args.source_lang, args.target_lang)
     check_teacher_files(args.teacher_path, args.teacher_data, args.source_lang, args.target_lang,
                         task.source_dictionary, task.target_dictionary)
     return task

@@ -4,12 +4,11 @@
 corpus), ``OUT/.shards/`` holds the finished shards with their completion markers until the merge, and
 ``OUT/seqkd_stats.json`` is written last, once the directory is a complete fairseq data directory.
 """
-import hashlib
 import json
 import logging
 import os
 import shutil
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -62,15 +61,6 @@ def read_indexed(prefix: str) -> List[np.ndarray]:
         return []
     ds = indexed_dataset.MMapIndexedDataset(prefix)
     return [ds[i].numpy() for i in range(len(ds))]
-
-
-def file_identity(path: str) -> Dict[str, object]:
-    """A teacher's content identity: a copied or moved teacher is the same teacher, a retrained one is not."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"sha256": digest.hexdigest(), "size": os.path.getsize(path)}
 
 
 def read_manifest(out: str) -> Optional[dict]:

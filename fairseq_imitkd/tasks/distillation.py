@@ -1,5 +1,4 @@
 """The ``distillation`` task: fairseq's translation task plus a lazily loaded, frozen teacher."""
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from omegaconf import II
 
 from ..checkpoint_loading import read_checkpoint_lazily
 from ..errors import ImitKDError, OptionError
-from ..teacher import TeacherBase, check_teacher_files, load_teacher
+from ..teacher import TeacherBase, check_teacher_files, dictionary_fingerprint, load_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +42,6 @@ class DistillationConfig(TranslationConfig):
 
 SCHEDULE_STATE = "kd_schedule"
 DICTIONARIES = "dictionaries"
-
-
-def dictionary_fingerprint(d) -> dict:
-    """Size and hash of a dictionary's symbols in order: fairseq checkpoints hold no dictionaries."""
-    return {"size": len(d), "sha1": hashlib.sha1("\n".join(d.symbols).encode("utf-8")).hexdigest()}
 
 
 @register_task("distillation", dataclass=DistillationConfig)

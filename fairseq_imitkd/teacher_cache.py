@@ -1,0 +1,352 @@
+"""An offline teacher: its top-k next-token log-probs on the gold prefixes of a split, computed once.
+
+Word-level KD asks the teacher the same question about the same gold prefix every epoch. The cache asks
+it once (``imitkd-teacher-cache``) and keeps, for every target position of a binarized split, the
+teacher's K most likely tokens, their log-probs and the log of the rest of its mass; ``word_kd
+--kd-teacher-cache DIR`` then trains with no teacher in memory and no teacher pass. The loss is
+``--kd-teacher-topk K``'s, the same K buckets and tail as the online teacher's (the values in float16).
+
+Layout of ``DIR``: ``manifest.json`` (what it was built from: the teacher files' sha256, the
+dictionaries' fingerprints, K, and per split its sentence count, position count and length hash) and,
+per split, ``DIR/<split>/``: ``values.npy`` ``(P, K)`` float16, ``indices.npy`` ``(P, K)`` uint16 (int32
+for vocabularies over 65,535), ``tail.npy`` ``(P,)`` float32 and ``offsets.npy`` ``(n+1,)`` int64, where
+sentence ``i`` (fairseq's sample id) owns positions ``offsets[i]:offsets[i+1]``, its target tokens with
+EOS. Arrays are numpy ``.npy`` files, memory-mapped for reading. A build writes chunk by chunk and
+records finished chunks in ``DIR/<split>/progress.json``, so an interrupted build resumes.
+"""
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import ImitKDError
+from .teacher import (TeacherBase, check_teacher_files, dictionary_fingerprint, file_identity, load_teacher,
+                      split_teacher_paths, translation_task)
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+ARRAYS = ("values", "indices", "tail")
+
+
+class CacheError(ImitKDError):
+    """A teacher cache that is not the one a run needs (another teacher, dictionary, split or K), or that
+    is incomplete or damaged; the message names the difference."""
+
+
+def write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise CacheError(f"{path} is not valid JSON ({e}): rebuild the cache with --overwrite") from e
+
+
+def split_identity(dataset) -> dict:
+    """A split as the cache sees it: sentence count, position count (targets with EOS), length hash."""
+    sizes = np.asarray(dataset.tgt_sizes, dtype=np.int64)
+    return {"sentences": int(len(sizes)), "positions": int(sizes.sum()),
+            "lengths_sha1": hashlib.sha1(sizes.tobytes()).hexdigest()}
+
+
+def index_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max else np.int32
+
+
+def bytes_per_position(k: int, vocab_size: int) -> int:
+    return k * (2 + np.dtype(index_dtype(vocab_size)).itemsize) + 4
+
+
+def _differences(want: dict, have: dict, prefix: str = "") -> List[str]:
+    out = []
+    for key in sorted(set(want) | set(have)):
+        a, b = want.get(key), have.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {b!r} in the cache, {a!r} here")
+    return out
+
+
+# --- building ---------------------------------------------------------------------------------------
+
+
+def build(data: str, out: str, teacher_path: str, k: int, splits: List[str], teacher_data: Optional[str] = None,
+          source_lang: Optional[str] = None, target_lang: Optional[str] = None, max_tokens: int = 8000,
+          chunk_sentences: int = 2000, cpu: bool = False, overwrite: bool = False) -> dict:
+    """Write (or finish) the cache of ``splits`` of ``data`` in ``out``; return a summary with timings."""
+    if k < 1:
+        raise CacheError(f"--topk must be >= 1, got {k}")
+    if chunk_sentences < 1 or max_tokens < 1:
+        raise CacheError("--chunk-sentences and --max-tokens must be >= 1")
+    task = translation_task(data, source_lang, target_lang)
+    check_teacher_files(teacher_path, teacher_data, task.cfg.source_lang, task.cfg.target_lang,
+                        task.source_dictionary, task.target_dictionary)
+    vocab = len(task.target_dictionary)
+    if k > vocab:
+        raise CacheError(f"--topk {k} exceeds the target vocabulary ({vocab} symbols)")
+    settings = {"format": FORMAT, "k": k, "vocab_size": vocab,
+                "teachers": [file_identity(p) for p in split_teacher_paths(teacher_path)],
+                "dictionaries": {"src": dictionary_fingerprint(task.source_dictionary),
+                                 "tgt": dictionary_fingerprint(task.target_dictionary)}}
+    os.makedirs(out, exist_ok=True)
+    manifest = read_json(os.path.join(out, MANIFEST))
+    if manifest is not None and not overwrite:
+        diff = _differences(settings, {key: manifest.get(key) for key in settings})
+        if diff:
+            raise CacheError(f"{out} holds a teacher cache built with other settings ({'; '.join(diff)}): pass "
+                             "--overwrite to replace it, or choose another directory")
+    if manifest is None or overwrite:
+        manifest = dict(settings, splits={})
+    summary = {"output": out, "splits": {}}
+    teacher, device = None, torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+    for split in splits:
+        task.load_dataset(split)
+        dataset = task.dataset(split)
+        ident = split_identity(dataset)
+        recorded = manifest["splits"].get(split)
+        split_dir = os.path.join(out, split)
+        if recorded is not None and not overwrite:
+            diff = _differences(ident, {key: recorded.get(key) for key in ident})
+            if diff:
+                raise CacheError(f"{out}/{split} was built from another {split} split ({'; '.join(diff)}): pass "
+                                 "--overwrite to rebuild it")
+            if recorded.get("complete"):
+                logger.info("%s: split %s already complete, nothing to do", out, split)
+                summary["splits"][split] = {"reused": True}
+                continue
+        if recorded is None or overwrite:
+            _allocate(split_dir, dataset, k, vocab)
+            write_json(os.path.join(split_dir, PROGRESS), {"chunk_sentences": chunk_sentences, "done": []})
+            manifest["splits"][split] = dict(ident, complete=False)
+            write_json(os.path.join(out, MANIFEST), manifest)
+        if teacher is None:
+            teacher = load_teacher(teacher_path, teacher_data, task.cfg.source_lang, task.cfg.target_lang,
+                                   task.source_dictionary, task.target_dictionary).to(device=device)
+        start = time.time()
+        computed = _fill(split_dir, dataset, teacher, k, vocab, max_tokens, device)
+        manifest["splits"][split] = dict(ident, complete=True)
+        write_json(os.path.join(out, MANIFEST), manifest)
+        summary["splits"][split] = dict(ident, seconds=round(time.time() - start, 1), chunks_computed=computed,
+                                        bytes_per_position=bytes_per_position(k, vocab))
+        logger.info("%s/%s: %d sentences, %d positions, %d chunks computed in %.1f s", out, split,
+                    ident["sentences"], ident["positions"], computed, time.time() - start)
+    return summary
+
+
+def _allocate(split_dir: str, dataset, k: int, vocab: int) -> None:
+    os.makedirs(split_dir, exist_ok=True)
+    sizes = np.asarray(dataset.tgt_sizes, dtype=np.int64)
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    np.save(os.path.join(split_dir, "offsets.npy"), offsets)
+    shapes = {"values": ((int(offsets[-1]), k), np.float16), "indices": ((int(offsets[-1]), k), index_dtype(vocab)),
+              "tail": ((int(offsets[-1]),), np.float32)}
+    for name, (shape, dtype) in shapes.items():
+        np.lib.format.open_memmap(os.path.join(split_dir, f"{name}.npy"), mode="w+", dtype=dtype, shape=shape).flush()
+
+
+def topk_and_tail(lprobs: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` best log-probs and their tokens, and the log of the remaining mass (``-inf`` if none)."""
+    values, index = lprobs.topk(k, dim=-1)
+    rest = lprobs.scatter(-1, index, -math.inf)
+    return values, index, torch.logsumexp(rest, dim=-1)
+
+
+@torch.no_grad()
+def _fill(split_dir: str, dataset, teacher: TeacherBase, k: int, vocab: int, max_tokens: int,
+          device: torch.device) -> int:
+    from fairseq import utils
+    from fairseq.data import data_utils
+
+    progress = read_json(os.path.join(split_dir, PROGRESS))
+    done, size = set(progress["done"]), progress["chunk_sentences"]
+    offsets = np.load(os.path.join(split_dir, "offsets.npy"))
+    arrays = {name: np.load(os.path.join(split_dir, f"{name}.npy"), mmap_mode="r+") for name in ARRAYS}
+    n = len(offsets) - 1
+    order = dataset.ordered_indices()
+    computed = 0
+    for chunk in range((n + size - 1) // size):
+        if chunk in done:
+            continue
+        lo, hi = chunk * size, min(n, (chunk + 1) * size)
+        ids = order[(order >= lo) & (order < hi)]
+        for batch in data_utils.batch_by_size(ids, dataset.num_tokens, max_tokens=max_tokens):
+            sample = utils.move_to_cuda(dataset.collater([dataset[i] for i in batch]), device=device) \
+                if device.type == "cuda" else dataset.collater([dataset[i] for i in batch])
+            net = sample["net_input"]
+            mask = sample["target"].ne(dataset.tgt_dict.pad())
+            values, index, tail = topk_and_tail(
+                teacher.log_probs(net["src_tokens"], net["src_lengths"], net["prev_output_tokens"], mask), k)
+            start = 0
+            for row, sid in enumerate(sample["id"].tolist()):
+                count = int(mask[row].sum())
+                lo_p, hi_p = int(offsets[sid]), int(offsets[sid + 1])
+                if hi_p - lo_p != count:
+                    raise CacheError(f"sentence {sid}: {count} target positions, the split's sizes say {hi_p - lo_p}")
+                arrays["values"][lo_p:hi_p] = values[start:start + count].cpu().numpy()
+                arrays["indices"][lo_p:hi_p] = index[start:start + count].cpu().numpy()
+                arrays["tail"][lo_p:hi_p] = tail[start:start + count].cpu().numpy()
+                start += count
+        for a in arrays.values():
+            a.flush()
+        done.add(chunk)
+        write_json(os.path.join(split_dir, PROGRESS), dict(progress, done=sorted(done)))
+        computed += 1
+    return computed
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+class CachedSplit:
+    """One split of a cache, memory-mapped: the teacher's top-k rows of any batch of its sentences."""
+
+    def __init__(self, directory: str, split: str, k: int, vocab: int, ident: dict):
+        self.split, self.k, self.vocab = split, k, vocab
+        split_dir = os.path.join(directory, split)
+        try:
+            self.offsets = np.load(os.path.join(split_dir, "offsets.npy"))
+            self.arrays = {name: np.load(os.path.join(split_dir, f"{name}.npy"), mmap_mode="r") for name in ARRAYS}
+        except (OSError, ValueError) as e:
+            raise CacheError(f"teacher cache {directory}/{split} cannot be read ({e}): truncated or damaged, "
+                             "rebuild it with imitkd-teacher-cache --overwrite") from e
+        positions = ident["positions"]
+        want = {"values": (positions, k), "indices": (positions, k), "tail": (positions,)}
+        for name, shape in want.items():
+            if self.arrays[name].shape != shape:
+                raise CacheError(f"teacher cache {directory}/{split}/{name}.npy has shape {self.arrays[name].shape}, "
+                                 f"the manifest says {shape}: rebuild it")
+        if len(self.offsets) != ident["sentences"] + 1 or int(self.offsets[-1]) != positions:
+            raise CacheError(f"teacher cache {directory}/{split}/offsets.npy does not match its manifest: rebuild it")
+
+    def rows(self, ids: Tensor, counts: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(values, index, tail)`` of the scored positions of a batch, in its row-major order."""
+        spans = []
+        for sid, count in zip(ids.tolist(), counts.tolist()):
+            lo, hi = int(self.offsets[sid]), int(self.offsets[sid + 1])
+            if hi - lo != count:
+                raise CacheError(f"sentence {sid} of split {self.split!r} has {count} target positions here but "
+                                 f"{hi - lo} in the teacher cache: the cache was built from other data")
+            spans.append(np.arange(lo, hi))
+        take = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+        values = torch.from_numpy(np.ascontiguousarray(self.arrays["values"][take])).float()
+        index = torch.from_numpy(self.arrays["indices"][take].astype(np.int64))
+        tail = torch.from_numpy(np.ascontiguousarray(self.arrays["tail"][take]))
+        return values, index, tail
+
+
+def dense_log_probs(values: Tensor, index: Tensor, tail: Tensor, vocab: int) -> Tensor:
+    """``(N, V)`` log-probs holding the cached top k and the tail mass spread evenly over the other tokens:
+    with ``index`` as the top-k tokens, :func:`~fairseq_imitkd.losses.topk_with_tail` gives back exactly
+    the cached buckets."""
+    k = values.size(-1)
+    spread = (tail - math.log(vocab - k)).unsqueeze(-1) if vocab > k else tail.new_full((tail.size(0), 1), -math.inf)
+    return spread.expand(-1, vocab).clone().scatter_(-1, index, values)
+
+
+class TeacherCache:
+    """An opened cache, checked against the run that uses it (dictionaries, K, teacher, splits)."""
+
+    def __init__(self, directory: str, src_dict, tgt_dict, teacher_path: Optional[str] = None):
+        self.directory = directory
+        manifest = read_json(os.path.join(directory, MANIFEST))
+        if manifest is None:
+            raise CacheError(f"--kd-teacher-cache {directory} holds no {MANIFEST}: build it with imitkd-teacher-cache")
+        if manifest.get("format") != FORMAT:
+            raise CacheError(f"teacher cache {directory} has format {manifest.get('format')}, this version reads "
+                             f"{FORMAT}: rebuild it")
+        here = {"src": dictionary_fingerprint(src_dict), "tgt": dictionary_fingerprint(tgt_dict)}
+        diff = _differences(here, manifest.get("dictionaries", {}))
+        if diff:
+            raise CacheError(f"teacher cache {directory} was built with other dictionaries ({'; '.join(diff)})")
+        if teacher_path:
+            teachers = [file_identity(p) for p in split_teacher_paths(teacher_path)]
+            if teachers != manifest.get("teachers"):
+                raise CacheError(f"teacher cache {directory} was built from another teacher than --teacher-path "
+                                 f"{teacher_path} (sha256 {[t['sha256'][:12] for t in manifest.get('teachers', [])]} "
+                                 f"in the cache, {[t['sha256'][:12] for t in teachers]} here)")
+        self.k, self.vocab, self.manifest = manifest["k"], manifest["vocab_size"], manifest
+        self._splits: Dict[str, CachedSplit] = {}
+
+    def has(self, split: str) -> bool:
+        return split in self.manifest.get("splits", {})
+
+    def split(self, name: str, dataset) -> CachedSplit:
+        """The cached split ``name``, checked against the run's ``dataset`` of that name."""
+        if name not in self._splits:
+            recorded = self.manifest.get("splits", {}).get(name)
+            if recorded is None:
+                raise CacheError(f"teacher cache {self.directory} holds no split {name!r} (it has "
+                                 f"{sorted(self.manifest.get('splits', {}))})")
+            if not recorded.get("complete"):
+                raise CacheError(f"teacher cache {self.directory}/{name} is incomplete: run imitkd-teacher-cache "
+                                 "again to finish it")
+            ident = split_identity(dataset)
+            diff = _differences(ident, {key: recorded.get(key) for key in ident})
+            if diff:
+                raise CacheError(f"teacher cache {self.directory}/{name} was built from another {name} split "
+                                 f"({'; '.join(diff)})")
+            self._splits[name] = CachedSplit(self.directory, name, self.k, self.vocab, ident)
+        return self._splits[name]
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="imitkd-teacher-cache",
+        description="Write a teacher's top-k next-token log-probs for every target position of binarized "
+                    "splits, for word_kd --kd-teacher-cache. Run it again to resume an interrupted build.")
+    p.add_argument("data", help="the binarized data directory (the student's, made with the teacher's dictionaries)")
+    p.add_argument("-o", "--output", required=True, help="the cache directory")
+    p.add_argument("--teacher-path", required=True, help="the teacher checkpoint(s), ':'-separated for an ensemble")
+    p.add_argument("--teacher-data", help="the directory of the teacher's own dictionaries")
+    p.add_argument("--topk", type=int, default=32, help="K, the teacher's most likely tokens kept per position")
+    p.add_argument("--splits", default="train,valid", help="comma-separated (default: train,valid)")
+    p.add_argument("-s", "--source-lang")
+    p.add_argument("-t", "--target-lang")
+    p.add_argument("--max-tokens", type=int, default=8000, help="tokens per teacher batch")
+    p.add_argument("--chunk-sentences", type=int, default=2000, help="sentences per resumable chunk")
+    p.add_argument("--cpu", action="store_true", help="compute on CPU even if a GPU is present")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
+    return p
+
+
+def main(argv=None) -> None:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
+                        stream=sys.stderr)
+    try:
+        summary = build(args.data, args.output, args.teacher_path, args.topk,
+                        [s for s in args.splits.split(",") if s], teacher_data=args.teacher_data,
+                        source_lang=args.source_lang, target_lang=args.target_lang, max_tokens=args.max_tokens,
+                        chunk_sentences=args.chunk_sentences, cpu=args.cpu, overwrite=args.overwrite)
+    except ImitKDError as e:
+        raise SystemExit(f"imitkd-teacher-cache: {e}") from None
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

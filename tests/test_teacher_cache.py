@@ -1,0 +1,176 @@
+"""The offline teacher cache: built once, read instead of a teacher pass, refused when it is not the
+teacher, dictionaries, split or K the run needs, and resumed when its build was interrupted."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import COMMON_TRAIN, build_training_objects, fairseq_train, first_batch, read_json_log
+from fairseq_imitkd.teacher_cache import CacheError, TeacherCache, build
+
+K = 4
+STUDENT = ["--arch", "transformer_student_tiny", "--share-all-embeddings", "--cpu", "--dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def cache(toy_data, teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    summary = build(str(toy_data), str(out), str(teacher), K, ["train", "valid"], chunk_sentences=500, cpu=True)
+    assert summary["splits"]["train"]["chunks_computed"] == 4 and summary["splits"]["train"]["sentences"] == 2000
+    return out
+
+
+def _criterion(data, *extra):
+    return build_training_objects(data, "--task", "distillation", "--criterion", "word_kd", "--kd-alpha", "0.5",
+                                  *STUDENT, *extra)
+
+
+def test_cached_rows_are_the_teachers_top_k(toy_data, teacher, cache):
+    task, _, criterion = _criterion(toy_data, "--teacher-path", teacher)
+    sample = first_batch(task, "valid")
+    net = sample["net_input"]
+    mask = sample["target"].ne(task.target_dictionary.pad())
+    online = task.teacher(torch.device("cpu")).log_probs(net["src_tokens"], net["src_lengths"],
+                                                         net["prev_output_tokens"], mask)
+    opened = TeacherCache(str(cache), task.source_dictionary, task.target_dictionary, str(teacher))
+    values, index, tail = opened.split("valid", task.dataset("valid")).rows(sample["id"], mask.sum(1))
+    top, top_index = online.topk(K, dim=-1)
+    assert torch.equal(index, top_index)
+    assert torch.allclose(values, top, atol=2e-3 * top.abs().max().item())  # float16 storage
+    rest = online.scatter(-1, top_index, -float("inf")).logsumexp(-1)
+    assert torch.allclose(tail, rest, atol=1e-5)
+    # the buckets sum to one
+    assert torch.allclose(torch.cat([values, tail[:, None]], -1).logsumexp(-1), torch.zeros(len(tail)), atol=1e-2)
+
+
+def test_the_cached_loss_is_the_online_top_k_loss(toy_data, teacher, cache):
+    task, model, online = _criterion(toy_data, "--teacher-path", teacher, "--kd-teacher-topk", str(K))
+    _, _, cached = _criterion(toy_data, "--kd-teacher-cache", cache)
+    assert cached.divergence_args["teacher_topk"] == K and not cached.needs_teacher
+    cached.task = task  # the same datasets
+    model.eval()
+    sample = first_batch(task, "valid")
+    loss_online, _, log_online = online(model, sample)
+    loss_cached, _, log_cached = cached(model, sample)
+    assert loss_cached.item() == pytest.approx(loss_online.item(), rel=1e-3)
+    assert log_cached["n_agree"] == log_online["n_agree"]
+    assert task._teacher is not None  # loaded by the online criterion only
+
+
+def test_word_kd_trains_from_the_cache_with_no_teacher(toy_data, teacher, cache, tmp_path):
+    """The same run with the online teacher (top-k targets) logs the same losses; the cached run names no
+    teacher at all, so it cannot have loaded one."""
+    logs = {}
+    for name, extra in (("cached", ["--kd-teacher-cache", cache]),
+                        ("online", ["--teacher-path", teacher, "--kd-teacher-topk", str(K)])):
+        save = tmp_path / name
+        save.mkdir()
+        fairseq_train(toy_data, "--task", "distillation", "--criterion", "word_kd", "--kd-alpha", "0.5", *extra,
+                      *STUDENT, *COMMON_TRAIN, "--dropout", "0", "--max-update", "6", "--log-interval", "2",
+                      "--save-dir", save, "--log-file", save / "log.txt", "--no-save")
+        logs[name] = (save / "log.txt").read_text()
+    rows = {n: read_json_log(tmp_path / n / "log.txt", "train_inner") for n in logs}
+    keys = ("loss", "nll_loss", "kd_loss", "kd_agree")
+    assert [{k: r[k] for k in keys} for r in rows["cached"]] == [{k: r[k] for k in keys} for r in rows["online"]]
+    assert len(rows["cached"]) == 3
+
+
+# --- refusals -----------------------------------------------------------------------------------------
+
+
+def test_a_cache_of_another_k_is_refused(toy_data, cache):
+    with pytest.raises(ValueError, match=f"--kd-teacher-topk 8, but the teacher cache .* holds the top {K}"):
+        _criterion(toy_data, "--kd-teacher-cache", cache, "--kd-teacher-topk", "8")
+
+
+def test_a_cache_of_another_teacher_is_refused(toy_data, teacher, cache, tmp_path):
+    other = tmp_path / "other_teacher.pt"
+    state = torch.load(teacher)
+    state["extra_state"] = {"retrained": True}
+    torch.save(state, other)
+    with pytest.raises(CacheError, match="built from another teacher than --teacher-path"):
+        _criterion(toy_data, "--kd-teacher-cache", cache, "--teacher-path", other)
+
+
+def test_a_cache_of_other_dictionaries_is_refused(toy_data, cache, tmp_path):
+    data = tmp_path / "reordered"
+    shutil.copytree(toy_data, data)
+    for name in ("dict.src.txt", "dict.tgt.txt"):
+        lines = (data / name).read_text().splitlines(keepends=True)
+        lines[0], lines[3] = lines[3], lines[0]
+        (data / name).write_text("".join(lines))
+    with pytest.raises(CacheError, match=r"built with other dictionaries \(src.sha1"):
+        _criterion(data, "--kd-teacher-cache", cache)
+
+
+def test_a_cache_of_another_split_is_refused(toy_data, cache, tmp_path):
+    data = tmp_path / "other_train"
+    shutil.copytree(toy_data, data)
+    for lang in ("src", "tgt"):
+        for ext in ("bin", "idx"):
+            shutil.copy(toy_data / f"valid.src-tgt.{lang}.{ext}", data / f"train.src-tgt.{lang}.{ext}")
+    task, _, criterion = _criterion(data, "--kd-teacher-cache", cache)
+    task.load_dataset("train")
+    with pytest.raises(CacheError, match=r"built from another train split \(.*sentences: 2000 in the cache, 100 here"):
+        criterion.cache.split("train", task.dataset("train"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "incomplete"])
+def test_a_damaged_or_unfinished_cache_is_refused(toy_data, cache, tmp_path, damage):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    if damage == "truncated":
+        path = copy / "train" / "values.npy"
+        path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+        match = "truncated or damaged"
+    else:
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["splits"]["train"]["complete"] = False
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        match = "is incomplete: run imitkd-teacher-cache again"
+    task, _, criterion = _criterion(toy_data, "--kd-teacher-cache", copy)
+    task.load_dataset("train")
+    with pytest.raises(CacheError, match=match):
+        criterion.cache.split("train", task.dataset("train"))
+
+
+# --- building -------------------------------------------------------------------------------------------
+
+
+def test_an_interrupted_build_resumes_with_the_missing_chunk_only(toy_data, teacher, cache, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    progress = json.loads((copy / "train" / "progress.json").read_text())
+    progress["done"].remove(1)  # as if killed during chunk 1 (sentences 500-999)
+    (copy / "train" / "progress.json").write_text(json.dumps(progress))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["train"]["complete"] = False
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    offsets = np.load(copy / "train" / "offsets.npy")
+    values = np.load(copy / "train" / "values.npy", mmap_mode="r+")
+    values[offsets[500]:offsets[1000]] = 0
+    values.flush()
+    del values
+
+    summary = build(str(toy_data), str(copy), str(teacher), K, ["train", "valid"], chunk_sentences=500, cpu=True)
+    assert summary["splits"]["train"]["chunks_computed"] == 1 and summary["splits"]["valid"] == {"reused": True}
+    for name in ("values", "indices", "tail"):
+        assert np.array_equal(np.load(copy / "train" / f"{name}.npy"), np.load(cache / "train" / f"{name}.npy"))
+
+
+def test_building_over_a_cache_of_other_settings_is_one_line(toy_data, teacher, cache, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    proc = subprocess.run([sys.executable, "-m", "fairseq_imitkd.teacher_cache", str(toy_data), "-o", str(copy),
+                           "--teacher-path", str(teacher), "--topk", "8", "--cpu"],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("imitkd-teacher-cache: ") and "k: 4 in the cache, 8 here" in last and "--overwrite" in last
+    assert "Traceback" not in proc.stderr
+    assert json.loads((copy / "manifest.json").read_text())["k"] == K  # untouched
