@@ -12,6 +12,11 @@ length limit). ImitKD runs at β=0, fully on-policy. The teacher is the shared M
 Example (CPU, 1 thread)::
 
     OMP_NUM_THREADS=1 python benchmarks/update_speed.py --threads 1 --out benchmarks/results/update_speed_cpu_t1.json
+
+The teacher cache against the online teacher and plain CE (``word_kd_cache`` builds the cache first)::
+
+    OMP_NUM_THREADS=1 python benchmarks/update_speed.py --threads 1 --methods ce,word_kd,word_kd_cache \\
+        --out benchmarks/results/update_speed_cache_cpu_t1.json
 """
 import argparse
 import contextlib
@@ -34,7 +39,10 @@ import evaluate as multi30k_evaluate  # noqa: E402  (the processor's name)
 logger = logging.getLogger("update_speed")
 
 METHODS = {
+    "ce": ["--criterion", "cross_entropy"],
     "word_kd": ["--criterion", "word_kd", "--kd-alpha", "0.5"],
+    # the same loss as word_kd --kd-teacher-topk K, read from imitkd-teacher-cache's files: no teacher pass
+    "word_kd_cache": ["--criterion", "word_kd", "--kd-alpha", "0.5", "--kd-teacher-cache", "{cache}"],
     "imitkd_topk5": ["--criterion", "imitkd", "--imitkd-target", "argmax", "--imitkd-sampling", "topk",
                      "--imitkd-topk", "5"],
     "imitkd_full_greedy": ["--criterion", "imitkd", "--imitkd-target", "full", "--imitkd-sampling", "greedy"],
@@ -50,13 +58,15 @@ def parse_args(argv=None):
     p.add_argument("--text-dir", default=multi30k.DEFAULT_TEXT_DIR)
     p.add_argument("--workdir", default="/tmp/imitkd-bench", help="binarized data and the pretrained student")
     p.add_argument("--pretrain-updates", type=int, default=400)
+    p.add_argument("--student", help="a trained transformer_student_small checkpoint to time instead of pretraining one")
     p.add_argument("--batches", type=int, default=20, help="timed batches per method")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--teacher-fp16", action="store_true")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(m for m in METHODS if m not in ("ce", "word_kd_cache")))
+    p.add_argument("--cache-topk", type=int, default=8, help="K of the teacher cache (word_kd_cache)")
     p.add_argument("--out", required=True, help="JSON results; a markdown summary is printed")
     return p.parse_args(argv)
 
@@ -97,7 +107,9 @@ def build(bin_dir, student_ckpt, args):
     criteria, task, model = {}, None, None
     for name in args.methods.split(","):
         parser = options.get_training_parser()
-        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, common + METHODS[name] + (BETA0 if name != "word_kd" else [])))
+        method = [a.replace("{cache}", cache_dir(args)) for a in METHODS[name]]
+        beta = BETA0 if name.startswith("imitkd") else []
+        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, common + method + beta))
         if task is None:
             task = tasks.setup_task(cfg.task)
             model = task.build_model(cfg.model)
@@ -105,6 +117,25 @@ def build(bin_dir, student_ckpt, args):
             model.load_state_dict(state["model"])
         criteria[name] = task.build_criterion(cfg.criterion)
     return task, model.to(args.device), criteria
+
+
+def cache_dir(args) -> str:
+    return os.path.join(args.workdir, f"teacher_cache_k{args.cache_topk}")
+
+
+def teacher_cache(args, bin_dir) -> dict:
+    """Build (or find) the teacher cache of the train split; its build time and bytes per target token."""
+    from fairseq_imitkd.teacher_cache import build as build_cache
+
+    out = cache_dir(args)
+    summary = build_cache(bin_dir, out, os.path.join(args.teacher_dir, "checkpoint.pt"), args.cache_topk, ["train"],
+                          teacher_data=args.teacher_dir, cpu=args.device == "cpu")
+    split = summary["splits"]["train"]
+    files = sum(os.path.getsize(os.path.join(out, "train", f"{n}.npy")) for n in ("values", "indices", "tail"))
+    with open(os.path.join(out, "manifest.json")) as f:
+        positions = json.load(f)["splits"]["train"]["positions"]
+    return {"k": args.cache_topk, "build_s": split.get("seconds"), "positions": positions,
+            "bytes_per_target_token": round(files / positions, 2), "reused": bool(split.get("reused"))}
 
 
 @contextlib.contextmanager
@@ -129,7 +160,8 @@ def main(argv=None):
     from fairseq_imitkd.teacher import Teacher
 
     bin_dir = multi30k.prepare(args.text_dir, args.teacher_dir, args.workdir, os.path.join(args.workdir, "logs"))
-    student_ckpt = pretrain_student(args, bin_dir)
+    student_ckpt = args.student or pretrain_student(args, bin_dir)
+    cache = teacher_cache(args, bin_dir) if "word_kd_cache" in args.methods.split(",") else None
     task, model, criteria = build(bin_dir, student_ckpt, args)
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -191,6 +223,8 @@ def main(argv=None):
             "target_tokens_per_s": ntok / total,
             "ratio_vs_word_kd": total / base if base else None,
         }
+        if "ce" in times:
+            r["ratio_vs_ce"] = total / sum(times["ce"])
         if rolled:
             r["mean_rollout_len"] = sum(log["rollout_tokens"] for log in logs[name]) / rolled
         for key, value in parts.get(name, {}).items():
@@ -207,9 +241,10 @@ def main(argv=None):
         "threads": torch.get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "teacher_dtype": "float16" if args.teacher_fp16 else "float32",
-        "student": "transformer_student_small (3+1 layers, d=128), pretrained "
+        "student": args.student or "transformer_student_small (3+1 layers, d=128), pretrained "
                    f"{args.pretrain_updates} updates with label-smoothed CE",
         "batches": args.batches, "max_tokens": args.max_tokens, "beta": 0.0,
+        "teacher_cache": cache,
         "methods": results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -217,10 +252,14 @@ def main(argv=None):
         json.dump(out, f, indent=2)
     print(f"\n{out['device']}, torch {out['torch']}, {out['threads']} thread(s), {args.batches} batches of "
           f"<= {args.max_tokens} tokens, beta=0\n")
-    print("| method | s/update (median) | ratio vs word_kd (total) | mean rollout len | rollout share | teacher share |")
-    print("|---|---|---|---|---|---|")
+    if cache:
+        print(f"teacher cache: K={cache['k']}, {cache['bytes_per_target_token']} bytes per target token, "
+              f"built in {cache['build_s']} s\n")
+    print("| method | s/update (median) | ratio vs word_kd (total) | ratio vs CE | mean rollout len | rollout share "
+          "| teacher share |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['median_update_s']:.3f} | {r['ratio_vs_word_kd']:.2f} | "
+        print(f"| {name} | {r['median_update_s']:.3f} | {r['ratio_vs_word_kd']:.2f} | {r.get('ratio_vs_ce', float('nan')):.2f} | "
               f"{r.get('mean_rollout_len', float('nan')):.1f} | {r.get('rollout_share', 0):.2f} | "
               f"{r.get('teacher_pass_share', 0):.2f} |")
 
