@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from .errors import ImitKDError
+from .seqkd import corpus_files
+from .seqkd.corpus_files import write_json
 from .teacher import (TeacherBase, check_teacher_files, dictionary_fingerprint, file_identity, load_teacher,
                       split_teacher_paths, translation_task)
 
@@ -45,21 +47,8 @@ class CacheError(ImitKDError):
     is incomplete or damaged; the message names the difference."""
 
 
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def read_json(path: str) -> Optional[dict]:
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:
-        raise CacheError(f"{path} is not valid JSON ({e}): rebuild the cache with --overwrite") from e
+    return corpus_files.read_json(path, CacheError, "rebuild the cache with --overwrite")
 
 
 def split_identity(dataset) -> dict:

@@ -63,15 +63,19 @@ def read_indexed(prefix: str) -> List[np.ndarray]:
     return [ds[i].numpy() for i in range(len(ds))]
 
 
-def read_manifest(out: str) -> Optional[dict]:
-    path = os.path.join(out, MANIFEST)
+def read_json(path: str, error, hint: str) -> Optional[dict]:
+    """A JSON record, None when absent; an unreadable one raises ``error`` naming the file and ``hint``."""
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except ValueError as e:
-        raise SeqKDError(f"{path} is not valid JSON ({e}): pass --overwrite to replace this directory's corpus")
+        raise error(f"{path} is not valid JSON ({e}): {hint}") from e
+
+
+def read_manifest(out: str) -> Optional[dict]:
+    return read_json(os.path.join(out, MANIFEST), SeqKDError, "pass --overwrite to replace this directory's corpus")
 
 
 def clear_output(out: str) -> None:
