@@ -50,6 +50,11 @@ def read_checkpoint_lazily(path: str) -> dict:
         return torch.load(path, map_location="cpu")
 
 
+def config_value(section, key):
+    """A key of a checkpoint's config section, whether a dict, a DictConfig or (legacy models) a Namespace."""
+    return section.get(key) if hasattr(section, "get") else getattr(section, key, None)
+
+
 def unreadable_checkpoint(path: str, error: Exception, role: str, error_cls: Type[ImitKDError]) -> ImitKDError:
     """A checkpoint torch cannot load, named with torch's own reason in one line (for a pickled global that
     safe loading refuses, the global: it is never executed)."""

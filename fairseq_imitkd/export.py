@@ -16,7 +16,7 @@ import sys
 import tempfile
 from typing import List, Optional
 
-from .checkpoint_loading import read_fairseq_checkpoint
+from .checkpoint_loading import config_value, read_fairseq_checkpoint
 from .errors import ImitKDError
 
 logger = logging.getLogger(__name__)
@@ -30,10 +30,6 @@ SPM_NAME = "spm.model"
 
 class ExportError(ImitKDError):
     """A checkpoint, dictionary or output directory that cannot give a CTranslate2 model."""
-
-
-def _config_value(section, key):
-    return section.get(key) if hasattr(section, "get") else getattr(section, key, None)
 
 
 def _task_config(state: dict):
@@ -59,9 +55,9 @@ def check_output_dir(out: str, force: bool) -> None:
 def resolve_data(state: dict, checkpoint: str, data: Optional[str]) -> tuple:
     """``(data dir, source lang, target lang)``: the dictionaries the student was trained with."""
     task = _task_config(state)
-    src, tgt = _config_value(task, "source_lang"), _config_value(task, "target_lang")
+    src, tgt = config_value(task, "source_lang"), config_value(task, "target_lang")
     if data is None:
-        recorded = _config_value(task, "data")
+        recorded = config_value(task, "data")
         data = recorded.split(os.pathsep)[0] if recorded else None
         if not data:
             raise ExportError(f"{checkpoint} records no data directory: pass --data DIR with its dict.*.txt")

@@ -19,7 +19,7 @@ from fairseq import checkpoint_utils, tasks, utils
 from fairseq.data import Dictionary
 from torch import Tensor
 
-from .checkpoint_loading import read_fairseq_checkpoint
+from .checkpoint_loading import config_value, read_fairseq_checkpoint
 from .errors import ImitKDError
 from .scoring import scored_log_probs
 
@@ -59,11 +59,6 @@ def read_checkpoint_config(path: str):
     return vars(args), vars(args)
 
 
-def _get(section, key):
-    """A key of a config section, whether a dict, a DictConfig or (legacy models) a Namespace."""
-    return section.get(key) if hasattr(section, "get") else getattr(section, key, None)
-
-
 def _has_dicts(directory: str, langs: Sequence[str]) -> bool:
     return all(os.path.isfile(os.path.join(directory, f"dict.{lang}.txt")) for lang in langs)
 
@@ -81,7 +76,7 @@ def resolve_teacher_data(path: str, teacher_data: Optional[str], langs: Sequence
             raise TeacherError(f"--teacher-data {teacher_data} does not contain the teacher dictionaries {names}")
         return teacher_data
     task_cfg, _ = read_checkpoint_config(path)
-    recorded = _get(task_cfg, "data")
+    recorded = config_value(task_cfg, "data")
     candidates = [utils.split_paths(recorded)[0]] if recorded else []
     candidates.append(os.path.dirname(os.path.abspath(path)))
     for candidate in candidates:
@@ -265,9 +260,9 @@ def load_teacher(
         overrides = {"data": data, "source_lang": source_lang, "target_lang": target_lang}
         state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides=overrides)
         cfg = state["cfg"]
-        if _get(cfg.task, "_name") == "distillation":
+        if config_value(cfg.task, "_name") == "distillation":
             cfg.task.teacher_path = None  # a distilled student as teacher must not chain-load its own teacher
-        if _get(cfg.task, "eval_bleu"):
+        if config_value(cfg.task, "eval_bleu"):
             cfg.task.eval_bleu = False  # the teacher needs no BLEU generator (nor its tokenizer)
         teacher_task = tasks.setup_task(cfg.task)  # its dictionaries: the files check_teacher_files compared
         check_embedding_rows(path, state["model"], teacher_task.source_dictionary, teacher_task.target_dictionary)
@@ -279,7 +274,7 @@ def load_teacher(
         model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
         logger.info(
             "loaded teacher %s (%s, %d parameters, dictionaries from %s)",
-            path, _get(cfg.model, "arch"), sum(p.numel() for p in model.parameters()), data,
+            path, config_value(cfg.model, "arch"), sum(p.numel() for p in model.parameters()), data,
         )
         models.append(model)
     return Teacher(models)

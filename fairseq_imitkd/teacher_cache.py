@@ -181,8 +181,9 @@ def _fill(split_dir: str, dataset, teacher: TeacherBase, k: int, vocab: int, max
         lo, hi = chunk * size, min(n, (chunk + 1) * size)
         ids = order[(order >= lo) & (order < hi)]
         for batch in data_utils.batch_by_size(ids, dataset.num_tokens, max_tokens=max_tokens):
-            sample = utils.move_to_cuda(dataset.collater([dataset[i] for i in batch]), device=device) \
-                if device.type == "cuda" else dataset.collater([dataset[i] for i in batch])
+            sample = dataset.collater([dataset[i] for i in batch])
+            if device.type == "cuda":
+                sample = utils.move_to_cuda(sample, device=device)
             net = sample["net_input"]
             mask = sample["target"].ne(dataset.tgt_dict.pad())
             values, index, tail = topk_and_tail(

@@ -62,6 +62,8 @@ class DistillationTask(TranslationTask):
             raise OptionError("--teacher-fp16 and --teacher-bf16 are exclusive")
         self._teacher: Optional[TeacherBase] = None
         self._criterion = None
+        # what checkpoints record of the dictionaries, and what a start checkpoint is compared with
+        self._dictionaries = {"src": dictionary_fingerprint(src_dict), "tgt": dictionary_fingerprint(tgt_dict)}
         self._resume_checked = False
 
     @property
@@ -89,8 +91,7 @@ class DistillationTask(TranslationTask):
     # it itself from the checkpoint that fairseq resumed from, at the first training step.
     def state_dict(self):
         state = dict(super().state_dict())
-        state[DICTIONARIES] = {side: dictionary_fingerprint(d) for side, d in (("src", self.src_dict),
-                                                                                ("tgt", self.tgt_dict))}
+        state[DICTIONARIES] = self._dictionaries
         schedule = getattr(self._criterion, "schedule_state", lambda: None)()
         if schedule is not None:
             state[SCHEDULE_STATE] = schedule
@@ -150,9 +151,9 @@ class DistillationTask(TranslationTask):
         state = read_checkpoint_lazily(path)
         saved = (state.get("task_state") or {}).get(DICTIONARIES, {})
         weights = state.get("model", {})
-        for side, name, d, key in (("source", "src", self.src_dict, "encoder.embed_tokens.weight"),
-                                   ("target", "tgt", self.tgt_dict, "decoder.embed_tokens.weight")):
-            here = dictionary_fingerprint(d)
+        for side, name, key in (("source", "src", "encoder.embed_tokens.weight"),
+                                ("target", "tgt", "decoder.embed_tokens.weight")):
+            here = self._dictionaries[name]
             there = saved.get(name) or ({"size": weights[key].shape[0]} if key in weights else None)
             if there is None or all(there[k] == here[k] for k in there):
                 continue
