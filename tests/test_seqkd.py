@@ -275,3 +275,36 @@ def test_option_errors(small_data, teacher, tmp_path, capsys):
         code, err = seqkd_main(capsys, *base, *extra)
         assert code == 2 and message in err, (extra, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_ctranslate2_engine_decodes_the_same_corpus_as_fairseq(small_data, teacher, seqkd_top, tmp_path, capsys):
+    """--engine ctranslate2 at float32: the same beam search, so (up to float rounding) the same targets."""
+    pytest.importorskip("ctranslate2")
+    out = tmp_path / "ct2"
+    summary = seqkd(small_data, "-o", out, "--teacher-path", teacher, "--engine", "ctranslate2",
+                    "--ct2-compute-type", "float32", *RUN)
+    assert summary["merged"] and summary["stats"]["sentences"] == N
+    ours, theirs = tokens(out / "train.src-tgt.tgt"), tokens(seqkd_top[0] / "train.src-tgt.tgt")
+    same = sum(np.array_equal(a, b) for a, b in zip(ours, theirs))
+    assert same >= 0.95 * N, same
+    # the source side and the copied splits are fairseq's, whatever decoded
+    assert filecmp.cmp(small_data / "train.src-tgt.src.bin", out / "train.src-tgt.src.bin", shallow=False)
+    settings = json.loads((out / "seqkd_manifest.json").read_text())["settings"]
+    assert settings["engine"] == "ctranslate2" and settings["ct2_compute_type"] == "float32"
+    assert "engine" not in json.loads((seqkd_top[0] / "seqkd_manifest.json").read_text())["settings"]
+    assert not list(out.glob("**/model.bin"))  # the converted teacher is not left in the corpus
+    # the fairseq engine will not resume (or mix into) a corpus the other engine decoded
+    code, err = seqkd_main(capsys, small_data, "-o", out, "--teacher-path", teacher, *RUN)
+    assert code == 2 and "engine: None now, 'ctranslate2' there" in err, err
+
+
+def test_ctranslate2_engine_option_errors(small_data, teacher, tmp_path, capsys):
+    base = [small_data, "-o", tmp_path / "out", "--teacher-path", teacher, *RUN]
+    for extra, message in [
+        (["--ct2-compute-type", "int8"], "--ct2-compute-type is only used with --engine ctranslate2"),
+        (["--engine", "ctranslate2", "--ct2-compute-type", "int4"], "--ct2-compute-type 'int4' is not one of"),
+        (["--engine", "ctranslate2", "--teacher-path", f"{teacher}:{teacher}"], "not an ensemble"),
+    ]:
+        code, err = seqkd_main(capsys, *base, *extra)
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "out").exists()

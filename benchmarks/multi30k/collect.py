@@ -5,6 +5,7 @@ import json
 import os
 from typing import Dict, List, Optional
 
+import data
 import evaluate
 import methods
 
@@ -84,14 +85,15 @@ def _hypothesis(ctx, method: str, seed: int, decode: str, scratch_dir: str) -> O
 
 def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
     """Paired bootstrap of every method against scratch, of every ImitKD variant against word_kd and
-    against seqkd, and of word_kd's other divergences against word_kd; each pair on the test outputs of
-    the lowest seed that both have."""
+    against seqkd, of word_kd's other divergences against word_kd, and of seqkd_ct2 against seqkd; each
+    pair on the test outputs of the lowest seed that both have."""
     import tempfile
 
     ref = os.path.join(ctx.args.text_dir, "test_2016_flickr.en")
     pairs = [("scratch", m) for m in present if m != "scratch"]
     pairs += [(base, m) for base in ("word_kd", "seqkd") for m in present if m.startswith("imitkd")]
     pairs += [("word_kd", m) for m in present if m.startswith("word_kd_")]  # each divergence against forward KL
+    pairs += [("seqkd", m) for m in present if m == "seqkd_ct2"]  # the same corpus, decoded by CTranslate2
     out = []
     with tempfile.TemporaryDirectory() as scratch_dir:
         for decode, name in BOOTSTRAP_DECODES:
@@ -155,7 +157,7 @@ def torch_version() -> str:
 
 def corpora_seconds(ctx) -> Dict[str, float]:
     out = ctx.archive.corpus_seconds()
-    for name in ("seqkd", "seqinter"):
+    for name in data.CORPORA:
         p = os.path.join(ctx.work, name, "seqkd_stats.json")
         if os.path.exists(p):
             out[name] = _read(p)["seconds"]

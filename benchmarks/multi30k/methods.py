@@ -46,6 +46,8 @@ ABLATIONS: Dict[str, dict] = {
                               label="ImitKD+Full with beta = 0: every row on-policy from the first update"),
     "imitkd_full_warmup": dict(cost=3.1, data="gold", kd=True,
                                label="ImitKD+Full, beta = 1 for the first 40% of updates, then 200^(-t/N)"),
+    "seqkd_ct2": dict(cost=1.2, data="seqkd_ct2", kd=False,
+                      label="Seq-KD on the corpus CTranslate2 decoded (imitkd-seqkd --engine ctranslate2, int8)"),
 }
 ALL = {**METHODS, **ABLATIONS}
 
@@ -77,6 +79,7 @@ _METHOD_ARGS = {
     "seqkd": _CE,
     "seqkd_word_kd": _WORD_KD,
     "seqinter": _CE,
+    "seqkd_ct2": _CE,
     "imitkd": _IMITKD + _ARGMAX_TOPK,
     "imitkd_full": _IMITKD + _FULL_GREEDY,
     "imitkd_star": _imitkd("2") + _ARGMAX_TOPK,  # the paper's ImitKD* base (WMT): half the rows stay on Seq-KD

@@ -312,7 +312,7 @@ def archive_finished(ctx: Context) -> None:
             r = read_json(path)
             if "restored" in archived.get((r["method"], r["seed"]), {"restored": True}):  # missing or rebuilt
                 c.archive.save_run(r, os.path.dirname(path))
-        for name in ("seqkd", "seqinter"):
+        for name in data.CORPORA:
             stats = os.path.join(c.work, name, "seqkd_stats.json")
             if os.path.exists(stats) and name not in c.archive.corpus_seconds():
                 c.archive.save_corpus_seconds(name, read_json(stats)["seconds"])

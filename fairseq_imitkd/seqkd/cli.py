@@ -48,7 +48,7 @@ from fairseq import utils
 from fairseq.data import data_utils, indexed_dataset
 from fairseq.dataclass.configs import GenerationConfig
 
-from ..teacher import (TeacherError, check_teacher_files, file_identity, load_teacher, split_teacher_paths,
+from ..teacher import (check_teacher_files, file_identity, load_teacher, split_teacher_paths,
                        translation_task)
 from . import SeqKDError
 from .corpus_files import (
@@ -66,7 +66,10 @@ from .corpus_files import (
     write_indexed,
     write_json,
 )
+from ..errors import ImitKDError
+from ..export import QUANTIZATIONS
 from .decoding import SELECT_CHOICES, SMOOTH_CHOICES, SentenceBleu, decode_shard, shard_range
+from .engines import ENGINES, CTranslate2Engine, FairseqEngine, resolve_compute_type
 
 logger = logging.getLogger("fairseq_imitkd.seqkd")
 
@@ -109,7 +112,13 @@ def get_parser() -> argparse.ArgumentParser:
                    help=f"source tokens per batch (default {DEFAULT_MAX_TOKENS} when --batch-size is not given)")
     g.add_argument("--batch-size", type=int, default=None, help="sentences per batch")
     g.add_argument("--cpu", action="store_true", help="decode on CPU even if a GPU is available")
-    g.add_argument("--fp16", action="store_true", help="hold the teacher in float16 (GPU only)")
+    g.add_argument("--fp16", action="store_true", help="hold the teacher in float16 (GPU only, fairseq engine)")
+    g.add_argument("--engine", choices=ENGINES, default="fairseq",
+                   help="fairseq: the SequenceGenerator, as fairseq-generate; ctranslate2: convert the teacher once "
+                        "and decode with CTranslate2, several times faster on CPU, not bit-equal (default: %(default)s)")
+    g.add_argument("--ct2-compute-type", default="default",
+                   help="CTranslate2 weight/compute type with --engine ctranslate2: int8, float32, int8_float16, ... "
+                        "(default: int8 on CPU, int8_float16 on a GPU)")
     s = p.add_argument_group("selection (Seq-Inter)")
     s.add_argument("--select", choices=SELECT_CHOICES, default="top",
                    help="top: the beam's best (Seq-KD). sentence-bleu: the n-best candidate with the highest "
@@ -165,6 +174,17 @@ def check_options(args) -> None:
             raise SeqKDError("--merge decodes nothing: do not combine it with --shard-id")
     if args.fp16 and (args.cpu or not torch.cuda.is_available()):
         raise SeqKDError("--fp16 needs a GPU (drop --cpu, or drop --fp16)")
+    if args.engine == "ctranslate2":
+        if args.fp16:
+            raise SeqKDError("--fp16 is the fairseq engine's: with --engine ctranslate2 pass --ct2-compute-type "
+                             "int8_float16 (or float16)")
+        if len(split_teacher_paths(args.teacher_path)) > 1:
+            raise SeqKDError("--engine ctranslate2 decodes one teacher, not an ensemble: use --engine fairseq")
+        if args.ct2_compute_type != "default" and args.ct2_compute_type not in QUANTIZATIONS:
+            raise SeqKDError(f"--ct2-compute-type {args.ct2_compute_type!r} is not one of default, "
+                             f"{', '.join(QUANTIZATIONS)}")
+    elif args.ct2_compute_type != "default":
+        raise SeqKDError("--ct2-compute-type is only used with --engine ctranslate2")
     if args.max_tokens is None and args.batch_size is None:
         args.max_tokens = DEFAULT_MAX_TOKENS
 
@@ -250,6 +270,9 @@ def corpus_settings(args, prefixes: Dict[str, str], num_sentences: int) -> Dict[
         "lenpen": args.lenpen,
         "fp16": args.fp16,
     }
+    if args.engine != "fairseq":  # fairseq corpora keep the settings they had before there was a choice
+        settings["engine"] = args.engine
+        settings["ct2_compute_type"] = resolve_compute_type(args.engine, args.ct2_compute_type, use_cuda(args))
     if args.select == "sentence-bleu":
         settings["bleu"] = {"smooth": args.bleu_smooth, "remove_bpe": args.remove_bpe,
                             "tokenize": args.bleu_tokenize or ("13a" if args.remove_bpe else "none")}
@@ -285,10 +308,8 @@ def check_output(args, settings: dict) -> Optional[dict]:
 # --- the run ---------------------------------------------------------------------------------------------
 
 
-def device_name(use_cuda: bool) -> str:
-    if use_cuda:
-        return f"cuda ({torch.cuda.get_device_name()})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+def use_cuda(args) -> bool:
+    return torch.cuda.is_available() and not args.cpu
 
 
 def setup_task(args):
@@ -335,21 +356,22 @@ def build(args) -> dict:
             raise SeqKDError(f"--merge: shards {missing} of {args.num_shards} are not finished in {out}")
 
     if todo:
-        use_cuda = torch.cuda.is_available() and not args.cpu
-        device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        cuda = use_cuda(args)
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         teacher = load_teacher(args.teacher_path, args.teacher_data, args.source_lang, args.target_lang,
                                task.source_dictionary, task.target_dictionary)  # checks the embedding rows, freezes
         teacher.to(device=device, dtype=torch.float16 if args.fp16 else None)
-        models = teacher.models
-        max_positions = utils.resolve_max_positions(task.max_positions(), *[m.max_positions() for m in models])
+        max_positions = utils.resolve_max_positions(task.max_positions(), *[m.max_positions() for m in teacher.models])
         _check_lengths(dataset, n, max_positions)
         gen_cfg = GenerationConfig(beam=args.beam, nbest=args.nbest, max_len_a=args.max_len_a,
                                    max_len_b=args.max_len_b, lenpen=args.lenpen)
-        for model in models:
-            # as fairseq-generate (beamable encoder attention, no attention weights kept); the model can no
-            # longer train, which this process never asks of it
-            model.prepare_for_inference_(argparse.Namespace(generation=gen_cfg))
-        generator = task.build_generator(models, gen_cfg)
+        if args.engine == "ctranslate2":
+            engine = CTranslate2Engine(args.teacher_path, args.teacher_data or args.data, args.source_lang,
+                                       args.target_lang, task.source_dictionary, task.target_dictionary, gen_cfg,
+                                       cuda, settings["ct2_compute_type"])
+            cuda = False  # CTranslate2 takes the batch from CPU tensors
+        else:
+            engine = FairseqEngine(task, teacher, gen_cfg, cuda)
         scorer = None
         if args.select == "sentence-bleu":
             scorer = SentenceBleu(task.target_dictionary, args.bleu_smooth, args.remove_bpe, args.bleu_tokenize)
@@ -365,22 +387,24 @@ def build(args) -> dict:
         elif manifest.get("merged"):  # the merged files go stale until the next merge, even if this run dies
             manifest["merged"] = False
             write_json(os.path.join(out, MANIFEST), manifest)
-        for i in todo:
-            lo, hi = shard_range(n, args.num_shards, i)
-            logger.info("decoding shard %d/%d: sentences [%d, %d) of %s on %s",
-                        i, args.num_shards, lo, hi, args.split, device_name(use_cuda))
-            with teacher.inference():  # the frozen teacher's fast path (Teacher.inference)
+        try:
+            for i in todo:
+                lo, hi = shard_range(n, args.num_shards, i)
+                logger.info("decoding shard %d/%d: sentences [%d, %d) of %s on %s",
+                            i, args.num_shards, lo, hi, args.split, engine.device_name())
                 targets, stats = decode_shard(
-                    task, generator, models, dataset, lo, hi, nbest=args.nbest, scorer=scorer,
+                    task, engine, dataset, lo, hi, nbest=args.nbest, scorer=scorer,
                     max_tokens=args.max_tokens, batch_size=args.batch_size, max_positions=max_positions,
-                    use_cuda=use_cuda, log_format="simple" if args.no_progress_bar else "tqdm",
+                    use_cuda=cuda, log_format="simple" if args.no_progress_bar else "tqdm",
                     log_interval=args.log_interval, name=f"shard {i}/{args.num_shards}")
-            write_indexed(shards.prefix(i), targets, len(task.target_dictionary))
-            write_json(shards.marker(i), dict(stats, shard=i, num_shards=args.num_shards, lo=lo, hi=hi,
-                                              device=device_name(use_cuda), finished=time.time()))
-            logger.info("shard %d/%d done: %d sentences in %.1f s", i, args.num_shards, stats["sentences"],
-                        stats["seconds"])
-            summary["decoded_shards"].append(i)
+                write_indexed(shards.prefix(i), targets, len(task.target_dictionary))
+                write_json(shards.marker(i), dict(stats, shard=i, num_shards=args.num_shards, lo=lo, hi=hi,
+                                                  device=engine.device_name(), finished=time.time()))
+                logger.info("shard %d/%d done: %d sentences in %.1f s", i, args.num_shards, stats["sentences"],
+                            stats["seconds"])
+                summary["decoded_shards"].append(i)
+        finally:
+            engine.close()
 
     missing = [i for i in range(args.num_shards) if not shards.done(i)]
     if missing:
@@ -520,7 +544,7 @@ def main(argv=None) -> int:
             print(status(args))
             return 0
         summary = build(args)
-    except (SeqKDError, TeacherError) as e:
+    except ImitKDError as e:  # SeqKDError, TeacherError, and the converter's ExportError
         print(f"imitkd-seqkd: error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))

@@ -82,11 +82,12 @@ def choose(candidates: Sequence[torch.Tensor], reference: Optional[torch.Tensor]
     return max(range(len(scores)), key=scores.__getitem__), scores  # max() keeps the first of equals
 
 
-def decode_shard(task, generator, models, dataset: FairseqDataset, lo: int, hi: int, *, nbest: int,
+def decode_shard(task, engine, dataset: FairseqDataset, lo: int, hi: int, *, nbest: int,
                  scorer: Optional[SentenceBleu], max_tokens: Optional[int], batch_size: Optional[int],
                  max_positions, use_cuda: bool, log_format: str = "tqdm", log_interval: int = 100,
                  name: str = "") -> Tuple[List[torch.Tensor], Dict[str, float]]:
-    """Decode sentences ``[lo, hi)`` with ``generator``; return their targets in split order and stats.
+    """Decode sentences ``[lo, hi)`` with ``engine`` (``engines.py``); return their targets in split order
+    and stats.
 
     Each target is the chosen hypothesis's tokens with their final EOS, as fairseq-preprocess stores a
     line. ``required_batch_size_multiple=1``: fairseq's default of 8 can drop the last sentences here.
@@ -107,9 +108,9 @@ def decode_shard(task, generator, models, dataset: FairseqDataset, lo: int, hi: 
     for sample in progress:
         if use_cuda:
             sample = utils.move_to_cuda(sample)
-        hypos = task.inference_step(generator, models, sample)
+        hypos = engine.nbest(sample)
         for i, sample_id in enumerate(sample["id"].tolist()):
-            candidates = [h["tokens"].int().cpu() for h in hypos[i][:nbest]]
+            candidates = hypos[i][:nbest]
             reference = dataset.tgt[sample_id] if scorer is not None else None
             best, scores = choose(candidates, reference, scorer)
             targets[sample_id] = candidates[best]

@@ -1,0 +1,117 @@
+"""The two ways ``imitkd-seqkd`` can beam-decode a split: fairseq's SequenceGenerator, or CTranslate2.
+
+Both take a fairseq batch (so batching, sorting by length and sample ids are fairseq's own in either
+case) and return each sentence's n-best hypotheses as target-dictionary ids ending in EOS, the form
+fairseq-preprocess stores a line in. Selection, shards and merging do not know which engine decoded.
+
+CTranslate2 exists here for speed: a teacher beam-decoding a training set is the dominant cost of
+Seq-KD on a CPU, and fairseq's per-step Python is most of that cost for a small teacher. Its output is
+not bit-equal to fairseq's (int8 weights by default, its own beam bookkeeping), so the corpus records
+the engine and its compute type, and a rerun never mixes shards of the two.
+"""
+import argparse
+import logging
+import os
+import tempfile
+from typing import List
+
+import torch
+from fairseq.dataclass.configs import GenerationConfig
+
+from . import SeqKDError
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("fairseq", "ctranslate2")
+#: CPU default: int8 weights, the fastest; GPUs get int8 weights with float16 activations
+DEFAULT_COMPUTE_TYPE = {"cpu": "int8", "cuda": "int8_float16"}
+
+
+class FairseqEngine:
+    """fairseq's SequenceGenerator over the (frozen) teacher, set up as fairseq-generate sets it up."""
+
+    name = "fairseq"
+
+    def __init__(self, task, teacher, gen_cfg: GenerationConfig, use_cuda: bool):
+        self.task, self.teacher, self.use_cuda = task, teacher, use_cuda
+        self.models = teacher.models
+        for model in self.models:
+            # as fairseq-generate (beamable encoder attention, no attention weights kept); the model can no
+            # longer train, which this process never asks of it
+            model.prepare_for_inference_(argparse.Namespace(generation=gen_cfg))
+        self.generator = task.build_generator(self.models, gen_cfg)
+
+    def device_name(self) -> str:
+        if self.use_cuda:
+            return f"cuda ({torch.cuda.get_device_name()})"
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+    def nbest(self, sample) -> List[List[torch.Tensor]]:
+        with self.teacher.inference():  # the frozen teacher's fast path (Teacher.inference)
+            hypos = self.task.inference_step(self.generator, self.models, sample)
+        return [[h["tokens"].int().cpu() for h in sentence] for sentence in hypos]
+
+    def close(self) -> None:
+        pass
+
+
+class CTranslate2Engine:
+    """The teacher converted once to CTranslate2 (into a temporary directory) and decoded there.
+
+    The length limit follows fairseq's rule, ``max_len_a * padded source length + max_len_b`` per batch,
+    and ``length_penalty`` is fairseq's ``lenpen`` (both divide the log-probability by length^lenpen).
+    """
+
+    name = "ctranslate2"
+
+    def __init__(self, teacher_path: str, data: str, source_lang: str, target_lang: str, src_dict, tgt_dict,
+                 gen_cfg: GenerationConfig, use_cuda: bool, compute_type: str):
+        from ..export import export
+
+        try:
+            import ctranslate2
+        except ImportError as e:
+            raise SeqKDError("--engine ctranslate2 needs CTranslate2: pip install ctranslate2 "
+                             "(or fairseq-imitkd[ct2])") from e
+        self.device = "cuda" if use_cuda else "cpu"
+        self.compute_type = compute_type
+        self.src_dict, self.tgt_dict, self.cfg = src_dict, tgt_dict, gen_cfg
+        self.threads = torch.get_num_threads()
+        self._tmp = tempfile.TemporaryDirectory(prefix="imitkd-seqkd-ct2-")
+        model_dir = os.path.join(self._tmp.name, "teacher")
+        export(teacher_path, model_dir, data=data, quantization=compute_type, source_lang=source_lang,
+               target_lang=target_lang)
+        self.translator = ctranslate2.Translator(model_dir, device=self.device, compute_type=compute_type,
+                                                 inter_threads=1, intra_threads=self.threads)
+        logger.info("teacher converted to CTranslate2 (%s, %s)", compute_type, self.device_name())
+
+    def device_name(self) -> str:
+        return f"{self.device} (ctranslate2 {self.compute_type}, {self.threads} threads)"
+
+    def nbest(self, sample) -> List[List[torch.Tensor]]:
+        src = sample["net_input"]["src_tokens"]
+        pad, eos = self.src_dict.pad(), self.src_dict.eos()
+        # the converted model appends the source EOS itself (add_source_eos)
+        batch = [[self.src_dict[t] for t in row.tolist() if t != pad and t != eos] for row in src]
+        max_len = int(self.cfg.max_len_a * src.size(1) + self.cfg.max_len_b)
+        results = self.translator.translate_batch(
+            batch, beam_size=self.cfg.beam, num_hypotheses=self.cfg.nbest, length_penalty=self.cfg.lenpen,
+            max_decoding_length=max_len, return_scores=False)
+        out = []
+        for result in results:
+            out.append([torch.tensor([self.tgt_dict.index(p) for p in hyp] + [self.tgt_dict.eos()], dtype=torch.int32)
+                        for hyp in result.hypotheses])
+        return out
+
+    def close(self) -> None:
+        del self.translator
+        self._tmp.cleanup()
+
+
+def resolve_compute_type(engine: str, compute_type: str, use_cuda: bool) -> str:
+    """The CTranslate2 compute type a run uses ('default': int8 on CPU, int8_float16 on a GPU)."""
+    if engine != "ctranslate2":
+        return None
+    if compute_type == "default":
+        return DEFAULT_COMPUTE_TYPE["cuda" if use_cuda else "cpu"]
+    return compute_type
