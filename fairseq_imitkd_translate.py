@@ -32,6 +32,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="CTranslate2 compute type (default: the type the model was exported with)")
     p.add_argument("--max-len", type=int, default=200,
                    help="most target pieces per sentence (default 200, fairseq-generate's own limit)")
+    p.add_argument("--read-batch-size", type=int, default=0,
+                   help="sentences read, then sorted by length and cut into batches, at a time (default 0: "
+                        "CTranslate2's, 16 batches; --batch-size: no sorting beyond one batch)")
     p.add_argument("--use-vmap", action="store_true",
                    help="restrict the output vocabulary with the model's vmap.txt (see CTranslate2)")
     p.add_argument("--stats", help="write the timing (sentences, target tokens, seconds) to this JSON file")
@@ -45,6 +48,8 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
                          "export the student with imitkd-export")
     if not os.path.isfile(args.input):
         raise SystemExit(f"imitkd-translate: input {args.input} does not exist")
+    if args.read_batch_size < 0:
+        raise SystemExit(f"imitkd-translate: --read-batch-size must be >= 0, got {args.read_batch_size}")
     for name in ("beam", "batch_size", "threads", "max_len"):
         if getattr(args, name) < 1:
             raise SystemExit(f"imitkd-translate: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -72,7 +77,7 @@ def translate(args: argparse.Namespace) -> dict:
                                         inter_threads=1, intra_threads=args.threads)
     stats = translator.translate_file(
         args.input, args.output, max_batch_size=args.batch_size, beam_size=args.beam,
-        max_decoding_length=args.max_len, use_vmap=args.use_vmap,
+        max_decoding_length=args.max_len, use_vmap=args.use_vmap, read_batch_size=args.read_batch_size,
         source_tokenize_fn=tokenize, target_detokenize_fn=detokenize,
     )
     seconds = stats.total_time_in_ms / 1000

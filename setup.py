@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["fairseq_imitkd", "fairseq_imitkd.*"]),
     # modules outside the package, so that they need not import torch/fairseq: two console scripts,
     # and what the recipes and benchmarks use to drive and read fairseq-generate
-    py_modules=["fairseq_imitkd_user_dir", "fairseq_generate_io", "fairseq_imitkd_translate"],
+    py_modules=["fairseq_imitkd_user_dir", "fairseq_generate_io", "fairseq_imitkd_translate", "fairseq_imitkd_vmap"],
     install_requires=[
         # ve-fairseq is a build of fairseq main with wheels for Python 3.11/3.12 (see README:
         # the official fairseq 0.12.2 neither installs with pip>=24.1 nor imports on Python>=3.11).
@@ -40,6 +40,7 @@ setup(
             "imitkd-export=fairseq_imitkd.export:main",
             "imitkd-teacher-cache=fairseq_imitkd.teacher_cache:main",
             "imitkd-translate=fairseq_imitkd_translate:main",
+            "imitkd-vmap=fairseq_imitkd_vmap:main",
         ],
     },
 )

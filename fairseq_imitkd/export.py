@@ -77,7 +77,7 @@ def resolve_data(state: dict, checkpoint: str, data: Optional[str]) -> tuple:
 
 def export(checkpoint: str, out: str, data: Optional[str] = None, quantization: str = "int8",
            spm: Optional[str] = None, source_lang: Optional[str] = None, target_lang: Optional[str] = None,
-           force: bool = False) -> str:
+           force: bool = False, vmap: Optional[str] = None) -> str:
     """Convert ``checkpoint`` into the CTranslate2 model directory ``out``; return ``out``."""
     try:
         import ctranslate2
@@ -87,6 +87,8 @@ def export(checkpoint: str, out: str, data: Optional[str] = None, quantization: 
         raise ExportError(f"--quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     if spm is not None and not os.path.isfile(spm):
         raise ExportError(f"--spm {spm} does not exist")
+    if vmap is not None and not os.path.isfile(vmap):
+        raise ExportError(f"--vmap {vmap} does not exist")
     state = read_fairseq_checkpoint(checkpoint, "student checkpoint", ExportError)
     if not isinstance(state.get("model"), dict) or not state["model"]:
         raise ExportError(f"student checkpoint {checkpoint} holds no model weights")
@@ -101,7 +103,7 @@ def export(checkpoint: str, out: str, data: Optional[str] = None, quantization: 
         converter = ctranslate2.converters.FairseqConverter(checkpoint, data, source_lang=src, target_lang=tgt,
                                                             user_dir=USER_DIR)
         try:
-            converter.convert(tmp, quantization=quantization, force=True)
+            converter.convert(tmp, vmap=vmap, quantization=quantization, force=True)  # vmap: as vmap.txt
         except (ValueError, NotImplementedError, KeyError, AttributeError) as e:
             reason = " ".join(str(e).split())
             raise ExportError(f"CTranslate2's fairseq converter cannot convert {checkpoint}: {reason}") from e
@@ -110,7 +112,7 @@ def export(checkpoint: str, out: str, data: Optional[str] = None, quantization: 
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data),
                        "source_lang": src, "target_lang": tgt, "quantization": quantization,
-                       "spm": SPM_NAME if spm is not None else None,
+                       "spm": SPM_NAME if spm is not None else None, "vmap": os.path.abspath(vmap) if vmap else None,
                        "ctranslate2": ctranslate2.__version__}, f, indent=1)
         if os.path.exists(out):
             shutil.rmtree(out)
@@ -133,6 +135,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--quantization", default="int8", choices=QUANTIZATIONS,
                    help="weight type: float32 or int8 on CPUs, int8_float16 on GPUs (default: int8)")
     p.add_argument("--spm", help="a sentencepiece model to copy beside the weights, for imitkd-translate")
+    p.add_argument("--vmap", help="a vocabulary map written by imitkd-vmap, for imitkd-translate --use-vmap")
     p.add_argument("--source-lang", help="default: the checkpoint's")
     p.add_argument("--target-lang", help="default: the checkpoint's")
     p.add_argument("--force", action="store_true", help="replace an output directory that holds a CTranslate2 model")
@@ -145,7 +148,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         stream=sys.stderr)
     try:
         out = export(args.checkpoint, args.output_dir, data=args.data, quantization=args.quantization,
-                     spm=args.spm, source_lang=args.source_lang, target_lang=args.target_lang, force=args.force)
+                     spm=args.spm, source_lang=args.source_lang, target_lang=args.target_lang, force=args.force,
+                     vmap=args.vmap)
     except ImitKDError as e:
         raise SystemExit(f"imitkd-export: {e}") from None
     logger.info("wrote %s (%s)", out, args.quantization)

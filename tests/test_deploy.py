@@ -124,3 +124,51 @@ def test_bad_exports_are_one_line_and_write_nothing(word_kd_student, tmp_path):
 
     msg = _one_line_error(_translate(tmp_path, "-i", text, "-o", tmp_path / "out.txt"), "imitkd-translate")
     assert "not a CTranslate2 model directory" in msg, msg
+
+
+def test_vmap_builder_counts_pairs_analytically():
+    from fairseq_imitkd_vmap import build_vmap
+
+    sources = [["a", "b"], ["a"], ["a", "c"], ["b"]]
+    targets = [["x", "y"], ["x"], ["x", "z"], ["y", "w", "w"]]
+    vmap = build_vmap(sources, targets, per_source=2, common=1)
+    # document frequencies: x 3, y 2, z 1, w 1 -> the common piece is x
+    assert vmap[""] == ["x"]
+    # a: pairs 1-3, y in 1 of 3, z in 1 of 3 -> both, ties broken by the piece
+    assert vmap["a"] == ["y", "z"]
+    # b: pairs 1 and 4: y in both (1.0), w in one (0.5, counted once though it appears twice)
+    assert vmap["b"] == ["y", "w"]
+    assert vmap["c"] == ["z"]
+    assert build_vmap(sources, targets, per_source=5, common=0, min_share=0.5)["a"] == ["x"]  # 3/3 > 0.5 only
+
+
+def test_a_vmap_export_translates_with_the_restricted_vocabulary(word_kd_student, test_split, tmp_path):
+    """With a map that holds every piece fairseq outputs, greedy output is unchanged (the argmax is a
+    candidate); with an empty map it cannot be, which shows the map is used."""
+    source, fairseq_hyps = test_split
+    hyps = tmp_path / "hyps.txt"
+    hyps.write_text("".join(h + "\n" for h in fairseq_hyps))
+    outputs = {}
+    for name, extra in [("full", ["--per-source", "1000", "--common", "0"]),
+                        ("empty", ["--per-source", "0", "--common", "0"])]:
+        vmap = tmp_path / f"{name}.vmap"
+        proc = subprocess.run([sys.executable, "-m", "fairseq_imitkd_vmap", "--source", source, "--target", hyps,
+                               "-o", vmap, *extra], capture_output=True, text=True, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        model = tmp_path / f"ct2_{name}"
+        proc = _export(word_kd_student / "checkpoint_best.pt", "-o", model, "--quantization", "float32",
+                       "--vmap", vmap)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (model / "vmap.txt").is_file()
+        out = tmp_path / f"{name}.out"
+        proc = _translate(model, "-i", source, "-o", out, "--beam", "1", "--use-vmap")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[name] = out.read_text().splitlines()
+    assert outputs["full"] == fairseq_hyps
+    assert outputs["empty"] != fairseq_hyps
+    msg = _one_line_error(_translate(tmp_path / "ct2_full", "-i", source, "-o", tmp_path / "x", "--read-batch-size",
+                                     "-1"), "imitkd-translate")
+    assert "--read-batch-size must be >= 0" in msg
+    bad = subprocess.run([sys.executable, "-m", "fairseq_imitkd_vmap", "--source", tmp_path / "nosuch", "--target",
+                          hyps, "-o", tmp_path / "v"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("imitkd-vmap: --source")

@@ -94,3 +94,15 @@ def build_corpus(name: str, bin_dir: str, teacher_dir: str, work: str, log_dir: 
                 "--no-progress-bar"] + CORPORA[name] + device_args,
                os.path.join(log_dir, f"corpus_{name}.log"), env=env)
     return out
+
+
+def build_cache(topk: int, bin_dir: str, teacher_dir: str, work: str, log_dir: str, device_args: List[str],
+                env: Optional[dict] = None) -> str:
+    """The teacher's top-k log-probs on the gold prefixes of train and valid (``imitkd-teacher-cache``,
+    which resumes by chunk and returns at once when the cache is complete)."""
+    out = os.path.join(work, f"teacher_cache_k{topk}")
+    run_logged([sys.executable, "-m", "fairseq_imitkd.teacher_cache", bin_dir, "-o", out,
+                "--teacher-path", os.path.join(teacher_dir, "checkpoint.pt"), "--teacher-data", teacher_dir,
+                "--topk", str(topk), "--splits", "train,valid"] + device_args,
+               os.path.join(log_dir, f"teacher_cache_k{topk}.log"), env=env)
+    return out

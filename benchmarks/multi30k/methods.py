@@ -31,6 +31,9 @@ METHODS: Dict[str, dict] = {
     "imitkd_full_jsd": dict(cost=3.1, data="gold", kd=True,
                             label="ImitKD+Full, agreement-clock beta, generalized JSD (beta 0.5)"),
     "imitkd_full_atkd": dict(cost=3.1, data="gold", kd=True, label="ImitKD+Full, agreement-clock beta, ATKD"),
+    # word_kd with the teacher's top-32 read from imitkd-teacher-cache instead of a teacher pass
+    "word_kd_cache": dict(cost=1.5, data="gold", kd=True, cache=32,
+                          label="Word-KD from the offline teacher cache (top-32 + tail)"),
 }
 # three seeds for these in the quick tier, two for the rest
 MAIN_METHODS = ("scratch", "word_kd", "seqkd", "imitkd_full_adaptive", "imitkd_token_adaptive")
@@ -90,6 +93,7 @@ _METHOD_ARGS = {
     "word_kd_reverse_kl": _WORD_KD + ["--kd-divergence", "reverse_kl"],
     "word_kd_jsd": _WORD_KD + ["--kd-divergence", "jsd", "--kd-jsd-beta", "0.5"],
     "word_kd_atkd": _WORD_KD + ["--kd-divergence", "atkd", "--kd-atkd-alpha", "0.2"],
+    "word_kd_cache": _WORD_KD,  # + --kd-teacher-cache DIR (method_args)
     "imitkd_full_jsd": _ADAPTIVE + _FULL_GREEDY + ["--kd-divergence", "jsd", "--kd-jsd-beta", "0.5"],
     "imitkd_full_atkd": _ADAPTIVE + _FULL_GREEDY + ["--kd-divergence", "atkd", "--kd-atkd-alpha", "0.2"],
     "imitkd_full_base10": _imitkd("10") + _FULL_GREEDY,
@@ -117,10 +121,13 @@ COMPETENT_METHODS = ("scratch", "word_kd", "seqkd", "imitkd_full", "imitkd_full_
                      "imitkd_adaptive", "imitkd_full_beta0")
 
 
-def method_args(method: str, teacher_args: List[str], tier: dict = None) -> List[str]:
-    """fairseq-train options of one method (teacher options only for the KD criterions)."""
+def method_args(method: str, teacher_args: List[str], tier: dict = None, caches: Dict[int, str] = None) -> List[str]:
+    """fairseq-train options of one method (teacher options only for the KD criterions; ``caches``: K ->
+    the teacher cache directory of the methods that read one)."""
     spec = ALL[method]
     args = list(_METHOD_ARGS[method])
+    if "cache" in spec:
+        args += ["--kd-teacher-cache", caches[spec["cache"]]]
     if method == "imitkd_full_warmup":
         args += ["--imitkd-beta-warmup-updates", str(int(0.4 * (tier or TIERS["quick"])["max_update"]))]
     if spec["kd"]:

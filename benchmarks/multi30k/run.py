@@ -104,6 +104,7 @@ class Context:
         self.device_args = [] if args.gpu else ["--cpu"]
         self.env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         self.data: Dict[str, str] = {}
+        self.caches: Dict[int, str] = {}  # K -> teacher cache directory
 
     def run_dir(self, method: str, seed: int) -> str:
         return os.path.join(self.tier_dir, "runs", f"{method}_s{seed}")
@@ -217,7 +218,7 @@ def train(ctx: Context, method: str, seed: int) -> dict:
     if checkpoint_updates(os.path.join(run_dir, "checkpoint_last.pt")) < ctx.tier["max_update"]:
         # a finished run is never restarted: fairseq would resume it and do one update more
         cmd = [sys.executable, "-m", "fairseq_cli.train", ctx.data[methods.ALL[method]["data"]],
-               "--user-dir", USER_DIR, "--save-dir", run_dir] + methods.method_args(method, ctx.teacher_args, ctx.tier) \
+               "--user-dir", USER_DIR, "--save-dir", run_dir] + methods.method_args(method, ctx.teacher_args, ctx.tier, ctx.caches) \
             + methods.common_args(ctx.tier, seed) + ctx.device_args
         if "start_from" in ctx.tier:
             # fairseq loads it (weights only: optimizer, schedule, meters and data order reset) on the first
@@ -344,6 +345,11 @@ def main(argv=None) -> int:
             ctx.data[corpus] = data.build_corpus(corpus, ctx.data["gold"], args.teacher_dir, ctx.work,
                                                  os.path.join(ctx.work, "logs"), ctx.device_args, env=ctx.env)
         jobs.add(f"corpus:{corpus}", build)
+    for k in sorted({methods.ALL[m]["cache"] for m in ctx.seeds if "cache" in methods.ALL[m]}):
+        def build_cache(k=k):
+            ctx.caches[k] = data.build_cache(k, ctx.data["gold"], args.teacher_dir, ctx.work,
+                                             os.path.join(ctx.work, "logs"), ctx.device_args, env=ctx.env)
+        jobs.add(f"cache:{k}", build_cache)
     # the longest runs first, so that the lanes end together
     order = sorted(((m, s) for m in ctx.seeds for s in ctx.seeds[m]), key=lambda ms: -methods.ALL[ms[0]]["cost"])
     starts = set()
@@ -355,6 +361,7 @@ def main(argv=None) -> int:
     for m, s in order:
         corpus = methods.ALL[m]["data"]
         deps = [f"corpus:{corpus}"] if corpus != "gold" else []
+        deps += [f"cache:{methods.ALL[m]['cache']}"] if "cache" in methods.ALL[m] else []
         deps += [f"start:{s}"] if s in starts else []
         jobs.add(f"run:{m}:{s}", lambda m=m, s=s: train_and_evaluate(ctx, m, s), deps=deps)
     failed = jobs.run()
