@@ -7,6 +7,10 @@ Speed is the decoders' own timers (fairseq-generate's "Translated ..." line, CTr
 ``ExecutionStats``), best of ``--repeats``; BLEU is sacreBLEU on detokenized output against the raw
 references, every decode at fairseq-generate's default limit of 200 target pieces.
 
+Levers, each alone on the first student's int8 greedy batch-64 decode: a vocabulary map built from the
+training pairs (``imitkd-vmap``, ``--use-vmap``), and batches in file order instead of sorted by length
+(``--read-batch-size 64``).
+
     OMP_NUM_THREADS=1 python benchmarks/ct2_speed.py --students word_kd=PATH,imitkd_token=PATH
 """
 import argparse
@@ -22,6 +26,7 @@ import data  # noqa: E402  (benchmarks/multi30k)
 import evaluate  # noqa: E402
 
 import fairseq_imitkd_translate  # noqa: E402
+import fairseq_imitkd_vmap  # noqa: E402
 from fairseq_imitkd.export import export  # noqa: E402
 
 USER_DIR = os.path.join(os.path.dirname(HERE), "fairseq_imitkd")
@@ -32,21 +37,23 @@ def parse_args(argv=None):
     p.add_argument("--students", required=True, help="name=checkpoint,... (students of benchmarks/multi30k)")
     p.add_argument("--text-dir", default=data.DEFAULT_TEXT_DIR)
     p.add_argument("--teacher-dir", default=data.DEFAULT_TEACHER_DIR)
-    p.add_argument("--bin", default=os.path.join(HERE, "multi30k", "work", "bin"),
-                   help="the binarized Multi30k of benchmarks/multi30k (its test split and dictionaries)")
-    p.add_argument("--workdir", default=os.path.join(HERE, "multi30k", "work", "ct2_speed"))
+    p.add_argument("--work", default=os.path.join(HERE, "multi30k", "work"),
+                   help="benchmarks/multi30k's work directory (its bin/ and spm/ train pieces)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "ct2_speed.json"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--vmap-per-source", type=int, default=20)
+    p.add_argument("--vmap-common", type=int, default=100)
     return p.parse_args(argv)
 
 
 def fairseq_decode(args, name, checkpoint, beam):
-    prefix = os.path.join(args.workdir, f"{name}.fairseq.beam{beam}")
+    prefix = os.path.join(args.scratch, f"{name}.fairseq.beam{beam}")
     best = None
     for _ in range(args.repeats):
-        run = evaluate.generate(args.bin, checkpoint, "test", prefix, beam=beam, batch_size=64, user_dir=USER_DIR,
-                                device_args=["--cpu"], env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)),
+        run = evaluate.generate(os.path.join(args.work, "bin"), checkpoint, "test", prefix, beam=beam, batch_size=64,
+                                user_dir=USER_DIR, device_args=["--cpu"],
+                                env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)),
                                 max_len=evaluate.DEFAULT_MAX_LEN)
         best = run if best is None or run["sents_per_sec"] > best["sents_per_sec"] else best
     ref = os.path.join(args.text_dir, "test_2016_flickr.en")
@@ -54,14 +61,14 @@ def fairseq_decode(args, name, checkpoint, beam):
                 tokens_per_sec=best["tokens_per_sec"], bleu=evaluate.bleu(prefix + ".hyp", ref)["bleu"])
 
 
-def ct2_decode(args, name, model_dir, beam, batch_size):
-    out = os.path.join(args.workdir, f"{name}.beam{beam}.b{batch_size}.hyp")
+def ct2_decode(args, name, model_dir, beam, batch_size, extra=()):
+    out = os.path.join(args.scratch, f"{name}.beam{beam}.b{batch_size}.hyp")
     src = os.path.join(args.text_dir, "test_2016_flickr.de")
     best = None
     for _ in range(args.repeats):
         run = fairseq_imitkd_translate.translate(fairseq_imitkd_translate.parse_args(
             [model_dir, "-i", src, "-o", out, "--beam", str(beam), "--batch-size", str(batch_size),
-             "--threads", str(args.threads)]))
+             "--threads", str(args.threads), *extra]))
         best = run if best is None or run["sentences_per_second"] > best["sentences_per_second"] else best
     ref = os.path.join(args.text_dir, "test_2016_flickr.en")
     return dict(engine="ctranslate2", beam=beam, batch_size=batch_size, sents_per_sec=best["sentences_per_second"],
@@ -69,30 +76,81 @@ def ct2_decode(args, name, model_dir, beam, batch_size):
                 bleu=evaluate.bleu(out, ref)["bleu"])
 
 
+def build_vmap(args) -> str:
+    """The vocabulary map of the training pairs (sentencepiece pieces, as the benchmark prepared them)."""
+    path = os.path.join(args.scratch, "train.vmap")
+    spm_dir = os.path.join(args.work, "spm")
+    fairseq_imitkd_vmap.main(["--source", os.path.join(spm_dir, "train.de"), "--target",
+                              os.path.join(spm_dir, "train.en"), "-o", path,
+                              "--per-source", str(args.vmap_per_source), "--common", str(args.vmap_common)])
+    return path
+
+
+def add_ratios(rows) -> None:
+    """Each row's sentences/s against the two teacher baselines, and each CTranslate2 student's BLEU
+    against the same student decoded by fairseq."""
+    def find(model, engine, weights, beam, batch=64, lever=None):
+        return next((r for r in rows if (r["model"], r["engine"], r["weights"], r["beam"], r["batch_size"],
+                                         r.get("lever")) == (model, engine, weights, beam, batch, lever)), None)
+
+    fs_teacher, ct2_teacher = find("teacher", "fairseq", "float32", 5), find("teacher", "ctranslate2", "int8", 5)
+    for r in rows:
+        r["x_fairseq_teacher_beam5"] = round(r["sents_per_sec"] / fs_teacher["sents_per_sec"], 2)
+        r["x_ct2_int8_teacher_beam5"] = round(r["sents_per_sec"] / ct2_teacher["sents_per_sec"], 2)
+        same = find(r["model"], "fairseq", "float32", r["beam"])
+        if r["engine"] == "ctranslate2" and same is not None:
+            r["bleu_minus_fairseq"] = round(r["bleu"] - same["bleu"], 2)
+
+
+def markdown(result) -> str:
+    lines = [f"CPU ({result['cpu']}), {result['threads']} thread(s), test_2016_flickr (1,000 sentences), best of "
+             f"{result['repeats']}, CTranslate2 {result['ctranslate2']}; every decode at 200 target pieces at most.", "",
+             "| model | engine | weights | beam | batch | lever | sent/s | tok/s | BLEU | ΔBLEU vs fairseq | "
+             "× fairseq teacher b5 | × CT2 int8 teacher b5 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        delta = r.get("bleu_minus_fairseq")
+        lines.append(f"| {r['model']} | {r['engine']} | {r['weights']} | {r['beam']} | {r['batch_size']} | "
+                     f"{r.get('lever') or ''} | {r['sents_per_sec']:.1f} | {r['tokens_per_sec']:.0f} | {r['bleu']:.2f} | "
+                     f"{'' if delta is None else f'{delta:+.2f}'} | {r['x_fairseq_teacher_beam5']:.1f} | "
+                     f"{r['x_ct2_int8_teacher_beam5']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.workdir, exist_ok=True)
+    args.scratch = os.path.join(args.work, "ct2_speed")
+    os.makedirs(args.scratch, exist_ok=True)
     spm = os.path.join(args.teacher_dir, "spm.model")
     models = [("teacher", os.path.join(args.teacher_dir, "checkpoint.pt"), args.teacher_dir)]
-    models += [(n, p, args.bin) for n, p in (kv.split("=", 1) for kv in args.students.split(","))]
+    models += [(n, p, os.path.join(args.work, "bin")) for n, p in (kv.split("=", 1) for kv in args.students.split(","))]
+    vmap = build_vmap(args)
     rows = []
-    for name, checkpoint, dicts in models:
+    for i, (name, checkpoint, dicts) in enumerate(models):
         teacher = name == "teacher"
         for beam in ([5, 1] if teacher else [1]):
             rows.append(dict(model=name, weights="float32", **fairseq_decode(args, name, checkpoint, beam)))
         for quantization in ("float32", "int8"):
-            model_dir = os.path.join(args.workdir, f"{name}.{quantization}")
-            export(checkpoint, model_dir, data=dicts, quantization=quantization, spm=spm, force=True)
+            model_dir = os.path.join(args.scratch, f"{name}.{quantization}")
+            export(checkpoint, model_dir, data=dicts, quantization=quantization, spm=spm, force=True, vmap=vmap)
             for beam, batch in ([(5, 64)] if teacher else [(1, 64), (1, 1)]):
                 rows.append(dict(model=name, weights=quantization,
                                  **ct2_decode(args, f"{name}.{quantization}", model_dir, beam, batch)))
+            if i == 1 and quantization == "int8":  # the levers, on the first student
+                for lever, extra in [("vmap", ["--use-vmap"]), ("file order", ["--read-batch-size", "64"])]:
+                    rows.append(dict(model=name, weights=quantization, lever=lever, **ct2_decode(
+                        args, f"{name}.{quantization}.{lever.replace(' ', '_')}", model_dir, 1, 64, extra)))
+    add_ratios(rows)
     result = dict(date=time.strftime("%Y-%m-%d"), threads=args.threads, repeats=args.repeats,
-                  cpu=evaluate.cpu_name(), ctranslate2=__import__("ctranslate2").__version__, command=" ".join(sys.argv),
+                  cpu=evaluate.cpu_name(), ctranslate2=__import__("ctranslate2").__version__,
+                  command=" ".join(sys.argv), vmap=dict(per_source=args.vmap_per_source, common=args.vmap_common),
                   rows=rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps(rows, indent=1))
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
 
 
 if __name__ == "__main__":

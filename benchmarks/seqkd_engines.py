@@ -1,0 +1,103 @@
+"""Seq-KD corpus: fairseq's SequenceGenerator against CTranslate2 (``imitkd-seqkd --engine``).
+
+Two readings:
+- the whole Multi30k train corpus that benchmarks/multi30k built with each engine (its
+  ``seqkd_stats.json`` seconds), and how far the two corpora agree: the share of identical targets and
+  the BLEU of the CTranslate2 targets against the fairseq ones (detokenized, sacreBLEU);
+- ``--slice N``: both engines decode the same first 1/N of train here, one after the other, with
+  nothing else running, at ``--threads``: the clean speed ratio.
+
+    OMP_NUM_THREADS=1 python benchmarks/seqkd_engines.py --slice 15 --out benchmarks/results/seqkd_engines.json
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "multi30k"))
+
+import data  # noqa: E402  (benchmarks/multi30k)
+import evaluate  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default=os.path.join(HERE, "multi30k", "work"),
+                   help="benchmarks/multi30k's work directory (bin/, seqkd/, seqkd_ct2/)")
+    p.add_argument("--teacher-dir", default=data.DEFAULT_TEACHER_DIR)
+    p.add_argument("--slice", type=int, default=15, help="time both engines on the first 1/N of train (0: skip)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "seqkd_engines.json"))
+    return p.parse_args(argv)
+
+
+def corpus_text(corpus: str, spm) -> list:
+    from fairseq.data import Dictionary
+
+    from fairseq_imitkd.seqkd.corpus_files import read_indexed
+
+    d = Dictionary.load(os.path.join(corpus, "dict.en.txt"))
+    return [spm.decode(d.string(t[:-1]).split()) for t in read_indexed(os.path.join(corpus, "train.de-en.en"))]
+
+
+def agreement(work: str, teacher_dir: str) -> dict:
+    import sacrebleu
+    import sentencepiece
+
+    spm = sentencepiece.SentencePieceProcessor(model_file=os.path.join(teacher_dir, "spm.model"))
+    ours, theirs = corpus_text(os.path.join(work, "seqkd_ct2"), spm), corpus_text(os.path.join(work, "seqkd"), spm)
+    stats = {e: json.load(open(os.path.join(work, c, "seqkd_stats.json"))) for e, c in
+             (("fairseq", "seqkd"), ("ctranslate2", "seqkd_ct2"))}
+    return dict(
+        sentences=len(ours),
+        exact_match=round(sum(a == b for a, b in zip(ours, theirs)) / len(ours), 4),
+        bleu_ct2_against_fairseq=round(sacrebleu.corpus_bleu(ours, [theirs]).score, 2),
+        corpus_seconds={e: s["seconds"] for e, s in stats.items()},
+        corpus_devices={e: sorted({sh["device"] for sh in s["shards"]}) for e, s in stats.items()},
+        mean_target_length={e: round(s["mean_target_length"], 3) for e, s in stats.items()},
+        note="whole-train builds of benchmarks/multi30k, each beside one other 1-thread benchmark job",
+    )
+
+
+def time_slice(work: str, teacher_dir: str, n: int, threads: int) -> dict:
+    from fairseq_imitkd.seqkd.corpus_files import ShardFiles
+
+    out = {}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in ("fairseq", "ctranslate2"):
+            cmd = [sys.executable, "-m", "fairseq_imitkd.seqkd", os.path.join(work, "bin"), "-o",
+                   os.path.join(tmp, engine), "--teacher-path", os.path.join(teacher_dir, "checkpoint.pt"),
+                   "--teacher-data", teacher_dir, "--split", "train", "--beam", "5", "--max-tokens", "8000",
+                   "--num-shards", str(n), "--shard-id", "0", "--no-progress-bar", "--cpu", "--engine", engine]
+            t0 = time.time()
+            subprocess.run(cmd, check=True, env=env, capture_output=True)
+            marker = ShardFiles(os.path.join(tmp, engine), n).read_marker(0)
+            out[engine] = dict(sentences=marker["sentences"], decode_s=round(marker["seconds"], 2),
+                               wall_s=round(time.time() - t0, 2), device=marker["device"])
+    out["speedup_decode"] = round(out["fairseq"]["decode_s"] / out["ctranslate2"]["decode_s"], 2)
+    out["speedup_wall"] = round(out["fairseq"]["wall_s"] / out["ctranslate2"]["wall_s"], 2)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = dict(date=time.strftime("%Y-%m-%d"), cpu=evaluate.cpu_name(), threads=args.threads,
+                  command=" ".join(sys.argv), beam=5)
+    if os.path.isfile(os.path.join(args.work, "seqkd_ct2", "seqkd_stats.json")):
+        result["whole_train"] = agreement(args.work, args.teacher_dir)
+    if args.slice:
+        result["slice"] = dict(fraction=f"1/{args.slice}", **time_slice(args.work, args.teacher_dir, args.slice,
+                                                                           args.threads))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
