@@ -73,8 +73,11 @@ def test_scheduler_respects_dependencies_and_skips_dependents_of_a_failure():
 def test_every_method_has_arguments_and_kd_methods_get_the_teacher():
     teacher = ["--teacher-path", "t.pt"]
     for m, spec in methods.METHODS.items():
-        args = methods.method_args(m, teacher)
+        args = methods.method_args(m, teacher, caches={32: "cache_dir"})
         assert "--criterion" in args
+        assert ("--kd-teacher-cache" in args) == ("cache" in spec)
+        if "cache" in spec:
+            assert args[args.index("--kd-teacher-cache") + 1] == "cache_dir"
         assert ("--teacher-path" in args) == spec["kd"] == (args[args.index("--task") + 1] == "distillation")
     assert set(methods.MAIN_METHODS) <= set(methods.METHODS)
     for tier in methods.TIERS.values():
@@ -131,7 +134,7 @@ def test_fair_settings_are_shared():
     common = methods.common_args(methods.TIERS["quick"], 1)
     assert common[common.index("--clip-norm") + 1] == str(methods.CLIP_NORM)
     for m in methods.ALL:
-        args = methods.method_args(m, teacher)
+        args = methods.method_args(m, teacher, caches={32: "cache_dir"})
         one_hot = "--criterion" in args and (args[args.index("--criterion") + 1] != "imitkd"
                                              or args[args.index("--imitkd-target") + 1] == "argmax")
         # label smoothing 0.1 on every one-hot target, none on teacher distributions
