@@ -162,3 +162,12 @@ def corpora_seconds(ctx) -> Dict[str, float]:
         if os.path.exists(p):
             out[name] = _read(p)["seconds"]
     return out
+
+
+CT2_SPEED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "ct2_speed.json")
+
+
+def ct2_speed(path: str = CT2_SPEED) -> Optional[dict]:
+    """``benchmarks/ct2_speed.py``'s table (the students deployed with CTranslate2), if it was run."""
+    return _read(path) if os.path.exists(path) else None
+

@@ -34,7 +34,31 @@ def readme_table(res: dict) -> str:
                     f"| {_fmt(r.get('sec_per_update'), 2)} | {_fmt(collect.ratio(r.get('sec_per_update'), base), 2)} |"
                     + (f" {_fmt(r['student_sents_per_sec'])} | {_fmt(r['speedup_greedy_vs_teacher_beam5'])} |"
                        if timed else ""))
-    return "\n".join(rows)
+    return "\n".join(rows) + ct2_table(res)
+
+
+def ct2_table(res: dict) -> str:
+    """The students deployed with CTranslate2 (``benchmarks/ct2_speed.py``), greedy at batch 64, beside
+    fairseq-generate in the same run; empty when that script has not been run."""
+    ct2 = res.get("ctranslate2_speed")
+    if not ct2:
+        return ""
+    rows = {(r["model"], r["engine"], r["weights"], r["beam"], r["batch_size"]): r
+            for r in ct2["rows"] if not r.get("lever")}
+    out = ["", "", f"Deployed with CTranslate2 (`benchmarks/ct2_speed.py`, {ct2['date']}, {ct2['threads']} thread, "
+           "batch 64, one student per method, each model alone; BLEU at fairseq-generate's default limit):", "",
+           "| model | fairseq sents/s | CT2 float32 | CT2 int8 | int8 × fairseq teacher beam 5 "
+           "| int8 × CT2 int8 teacher beam 5 | BLEU fairseq → CT2 int8 |", "|---|---|---|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in ct2["rows"]):
+        beam = 5 if model == "teacher" else 1
+        fs, f32, i8 = (rows.get((model, e, w, beam, 64)) for e, w in
+                       (("fairseq", "float32"), ("ctranslate2", "float32"), ("ctranslate2", "int8")))
+        if not (fs and f32 and i8):
+            continue
+        out.append(f"| {model}{' (beam 5)' if beam == 5 else ''} | {fs['sents_per_sec']:.1f} | "
+                   f"{f32['sents_per_sec']:.1f} | {i8['sents_per_sec']:.1f} | {i8['x_fairseq_teacher_beam5']:.1f} | "
+                   f"{i8['x_ct2_int8_teacher_beam5']:.1f} | {fs['bleu']:.2f} → {i8['bleu']:.2f} |")
+    return "\n".join(out)
 
 
 def update_readme(path: str, res: dict, begin: str = README_BEGIN, end: str = README_END) -> None:
@@ -118,6 +142,8 @@ def markdown(res: dict, png: str) -> str:
               f"batch 64, is {_fmt(collect.ratio(med, res['teacher_sents_per_sec']))}× the teacher's beam 5 and "
               f"{_fmt(collect.ratio(med, res['teacher_speed'].get('greedy_b64')))}× its greedy decoding.",
               "", f"![BLEU against decoding speed]({png})", ""]
+    if res.get("ctranslate2_speed"):
+        lines += ["## Deployment speed (CTranslate2)", "", ct2_table(res).strip(), ""]
     if res["ablations"]:
         lines += ["## Ablations (same budget and settings, not part of the comparison)", "",
                   "| variant | what | seeds | test BLEU greedy | greedy uncapped | test BLEU beam 5 "
