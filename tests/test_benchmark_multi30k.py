@@ -95,6 +95,14 @@ def test_bad_options_are_refused_with_their_name(capsys):
     with pytest.raises(SystemExit):
         run.parse_args(["--seeds", "1,x"])
     assert "--seeds must be comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.parse_args(["--methods", "scratch,word_kd@1+x"])
+    assert "--methods word_kd@1+x: seeds after @" in capsys.readouterr().err
+
+
+def test_a_method_can_have_its_own_seeds():
+    ctx = run.Context(run.parse_args(["--methods", "scratch,word_kd@3,seqkd@1+2", "--seeds", "5"]))
+    assert ctx.seeds == {"scratch": [5], "word_kd": [3], "seqkd": [1, 2]}
 
 
 @pytest.mark.parametrize("name", ["results.json", "results_competent.json"])

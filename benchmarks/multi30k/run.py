@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=None, help="runs side by side (default: 2 on CPU, 1 on GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated, default all compared methods of the tier; ablations: "
+                   help="comma-separated, default all compared methods of the tier; NAME@1+2 gives one method its "
+                        "own seeds; ablations: "
                    + ", ".join(methods.ABLATIONS))
     p.add_argument("--max-update", type=int, default=None, help="override the tier's update budget (smoke runs)")
     p.add_argument("--seeds", default=None, help="override the tier's seeds for every method, e.g. 1,2")
@@ -69,9 +70,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.methods is None:
         args.methods = ",".join(methods.COMPETENT_METHODS if args.tier == "competent" else methods.METHODS)
-    unknown = sorted(set(args.methods.split(",")) - set(methods.ALL))
+    unknown = sorted({m.partition("@")[0] for m in args.methods.split(",")} - set(methods.ALL))
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(methods.ALL)}")
+    for item in args.methods.split(","):
+        own = item.partition("@")[2]
+        if "@" in item and not all(x.isdigit() and int(x) >= 1 for x in own.split("+")):
+            p.error(f"--methods {item}: seeds after @ must be positive integers joined by +, e.g. {item.split('@')[0]}@1+2")
     if args.seeds is not None:
         try:
             seeds = [int(x) for x in args.seeds.split(",")]
@@ -94,7 +99,10 @@ class Context:
             self.tier["validate_after"] = min(self.tier["validate_after"], args.max_update)
             self.tier["validate_every"] = min(self.tier["validate_every"], args.max_update)
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-        self.seeds = {m: (seeds or self.tier["seeds"][m]) for m in args.methods.split(",")}
+        self.seeds = {}
+        for item in args.methods.split(","):
+            m, _, own = item.partition("@")
+            self.seeds[m] = [int(s) for s in own.split("+")] if own else (seeds or self.tier["seeds"][m])
         self.work = os.path.abspath(args.workdir)
         self.tier_dir = os.path.join(self.work, args.tier if not args.max_update else f"{args.tier}_u{args.max_update}")
         self.logs = os.path.join(self.tier_dir, "logs")
