@@ -214,29 +214,27 @@ def atkd(student_lprobs: Tensor, teacher_lprobs: Tensor, next_tokens: Tensor, al
     return loss * s.size(0)
 
 
-def topk_with_tail(student_lprobs: Tensor, teacher_lprobs: Tensor, k: int,
-                   index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def tail_mass(lprobs: Tensor, index: Tensor) -> Tensor:
+    """``(N, 1)``: the log of the mass outside the tokens ``index``. A row with no mass there (k = V, or the
+    rest masked) gets -inf; the logsumexp runs on a finite stand-in there, so that no NaN flows back."""
+    rest = lprobs.scatter(-1, index, -math.inf)
+    empty = torch.isneginf(rest).all(-1, keepdim=True)
+    mass = torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1, keepdim=True)
+    return mass.masked_fill(empty, -math.inf)
+
+
+def student_buckets(student_lprobs: Tensor, index: Tensor) -> Tensor:
+    """``(N, k+1)``: the student's log-probs of the ``k`` tokens ``index`` and one tail bucket with the rest."""
+    return torch.cat([student_lprobs.gather(-1, index), tail_mass(student_lprobs, index)], -1)
+
+
+def topk_with_tail(student_lprobs: Tensor, teacher_lprobs: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """Both distributions over the teacher's ``k`` most likely tokens plus one tail bucket holding the rest
     of each one's mass: ``(N, k+1)`` log-probs, student first. What a teacher that keeps (or caches) only
-    its top k can be compared on; with ``k`` the vocabulary size, the tail is empty and nothing changes.
-    ``index``: the ``(N, k)`` top tokens where they are known already (a cached teacher's), so that a tie in
-    the rest of its mass cannot pick other ones."""
-    if index is None:
-        k = min(k, teacher_lprobs.size(-1))
-        t_top, index = teacher_lprobs.topk(k, dim=-1)
-    else:
-        t_top = teacher_lprobs.gather(-1, index)
-    s_top = student_lprobs.gather(-1, index)
-
-    def tail(lprobs: Tensor) -> Tensor:
-        rest = lprobs.scatter(-1, index, -math.inf)
-        # a row with no mass outside the top k (k = V, or the rest masked) has a -inf tail; the logsumexp
-        # runs on a finite stand-in there, so that no NaN flows back through it
-        empty = torch.isneginf(rest).all(-1, keepdim=True)
-        mass = torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1, keepdim=True)
-        return mass.masked_fill(empty, -math.inf)
-
-    return torch.cat([s_top, tail(student_lprobs)], -1), torch.cat([t_top, tail(teacher_lprobs)], -1)
+    its top k can be compared on; with ``k`` the vocabulary size, the tail is empty and nothing changes."""
+    k = min(k, teacher_lprobs.size(-1))
+    t_top, index = teacher_lprobs.topk(k, dim=-1)
+    return student_buckets(student_lprobs, index), torch.cat([t_top, tail_mass(teacher_lprobs, index)], -1)
 
 
 def kd_divergence(name: str, student_lprobs: Tensor, teacher_lprobs: Tensor, *, next_tokens: Optional[Tensor] = None,
@@ -246,7 +244,9 @@ def kd_divergence(name: str, student_lprobs: Tensor, teacher_lprobs: Tensor, *, 
     batch value times N). ``forward_kl`` is the soft cross-entropy, bit for bit the KD term of before: the
     forward KL plus the teacher's entropy, a constant for the student, so its gradient is the KL's.
     ``teacher_topk`` K > 0 compares the distributions on the teacher's K best tokens and a tail bucket
-    (:func:`topk_with_tail`), after the temperature; ``teacher_index`` names those K tokens (a cache's)."""
+    (:func:`topk_with_tail`), after the temperature. ``teacher_index`` ``(N, K)``: the teacher comes as
+    those buckets already (a cache): ``teacher_lprobs`` is ``(N, K+1)``, its log-probs of the K tokens and
+    its tail, at T=1; only the student is bucketed, so no ``(N, V)`` teacher is ever built."""
     if name not in DIVERGENCES:
         raise OptionError(f"unknown --kd-divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
     if teacher_topk < 0:
@@ -254,12 +254,18 @@ def kd_divergence(name: str, student_lprobs: Tensor, teacher_lprobs: Tensor, *, 
     if teacher_topk and name == "atkd":
         raise OptionError("--kd-teacher-topk does not apply to --kd-divergence atkd, which needs the probability "
                          "of every next token")
-    if name == "forward_kl" and not teacher_topk:
+    if teacher_index is not None:
+        if temperature != 1.0 or name == "atkd":
+            raise OptionError("a teacher given as top-k buckets (a cache) holds log-probs at temperature 1 and no "
+                              "full distribution: use --kd-temperature 1 and a divergence other than atkd")
+        s, t = student_buckets(_full(student_lprobs), teacher_index), _full(teacher_lprobs)
+    elif name == "forward_kl" and not teacher_topk:
         return soft_cross_entropy(student_lprobs, teacher_lprobs, temperature).sum()
-    s = _tempered(_full(student_lprobs), temperature)
-    t = _tempered(_full(teacher_lprobs), temperature)
-    if teacher_topk:
-        s, t = topk_with_tail(s, t, teacher_topk, teacher_index)
+    else:
+        s = _tempered(_full(student_lprobs), temperature)
+        t = _tempered(_full(teacher_lprobs), temperature)
+        if teacher_topk:
+            s, t = topk_with_tail(s, t, teacher_topk)
     if name == "forward_kl":
         return soft_cross_entropy(s, t).sum()
     if name == "reverse_kl":

@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .errors import ImitKDError
+from .losses import tail_mass
 from .seqkd import corpus_files
 from .seqkd.corpus_files import write_json
 from .teacher import (TeacherBase, check_teacher_files, dictionary_fingerprint, file_identity, load_teacher,
@@ -158,8 +158,7 @@ def _allocate(split_dir: str, dataset, k: int, vocab: int) -> None:
 def topk_and_tail(lprobs: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
     """The ``k`` best log-probs and their tokens, and the log of the remaining mass (``-inf`` if none)."""
     values, index = lprobs.topk(k, dim=-1)
-    rest = lprobs.scatter(-1, index, -math.inf)
-    return values, index, torch.logsumexp(rest, dim=-1)
+    return values, index, tail_mass(lprobs, index).squeeze(-1)
 
 
 @torch.no_grad()
@@ -244,15 +243,6 @@ class CachedSplit:
         index = torch.from_numpy(self.arrays["indices"][take].astype(np.int64))
         tail = torch.from_numpy(np.ascontiguousarray(self.arrays["tail"][take]))
         return values, index, tail
-
-
-def dense_log_probs(values: Tensor, index: Tensor, tail: Tensor, vocab: int) -> Tensor:
-    """``(N, V)`` log-probs holding the cached top k and the tail mass spread evenly over the other tokens:
-    with ``index`` as the top-k tokens, :func:`~fairseq_imitkd.losses.topk_with_tail` gives back exactly
-    the cached buckets."""
-    k = values.size(-1)
-    spread = (tail - math.log(vocab - k)).unsqueeze(-1) if vocab > k else tail.new_full((tail.size(0), 1), -math.inf)
-    return spread.expand(-1, vocab).clone().scatter_(-1, index, values)
 
 
 class TeacherCache:

@@ -294,6 +294,28 @@ def test_topk_targets_keep_the_teachers_best_tokens_and_the_rest_of_both_masses(
         kd_divergence("atkd", s, t, next_tokens=torch.tensor([0]), teacher_topk=2)
 
 
+def test_a_teacher_given_as_buckets_gives_the_topk_loss_and_gradient():
+    """A cache hands over the teacher's top k and tail, never its (N, V) distribution: the loss and the
+    student's gradient must be those of --kd-teacher-topk K on the whole teacher."""
+    s_logits = torch.randn(7, 13, generator=torch.Generator().manual_seed(53), dtype=torch.float64)
+    t = _lprobs(7, 13, seed=54)
+    values, index = t.topk(4, dim=-1)
+    rest = t.scatter(-1, index, -math.inf).logsumexp(-1, keepdim=True)
+    buckets = torch.cat([values, rest], -1)
+    for name in ("forward_kl", "reverse_kl", "jsd", "tvd"):
+        grads = []
+        for kwargs in (dict(teacher_topk=4, teacher=t), dict(teacher_topk=4, teacher_index=index, teacher=buckets)):
+            x = s_logits.clone().requires_grad_(True)
+            teacher = kwargs.pop("teacher")
+            loss = kd_divergence(name, x.log_softmax(-1), teacher, **kwargs)
+            grads.append((loss, torch.autograd.grad(loss, x)[0]))
+        torch.testing.assert_close(grads[0][0], grads[1][0])
+        torch.testing.assert_close(grads[0][1], grads[1][1])
+    with pytest.raises(ValueError, match="temperature 1"):
+        kd_divergence("forward_kl", s_logits.log_softmax(-1), buckets, teacher_index=index, teacher_topk=4,
+                      temperature=2.0)
+
+
 @pytest.mark.parametrize("k", [3, 9])
 def test_topk_targets_have_finite_gradients_at_extreme_and_masked_logits(k):
     g = torch.Generator().manual_seed(52)

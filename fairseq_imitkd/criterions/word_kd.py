@@ -3,13 +3,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from fairseq.criterions import register_criterion
 from omegaconf import II
 
 from ..errors import OptionError
 from ..losses import agreement, word_kd_loss
 from ..scoring import scored_log_probs
-from ..teacher_cache import TeacherCache, dense_log_probs
+from ..teacher_cache import TeacherCache
 from .kd_criterion import KDCriterion, KDDivergenceConfig, check_range
 
 
@@ -80,13 +81,14 @@ class WordKDCriterion(KDCriterion):
         self.needs_teacher = not self.cache.has(self.subsets[False])  # the task checks the teacher's files if so
 
     def _teacher_log_probs(self, model, sample, inputs, mask):
-        """The teacher's ``(N, V)`` log-probs at the scored positions, and its top-k tokens if cached."""
+        """The teacher's ``(N, V)`` log-probs at the scored positions, or, from a cache, its ``(N, K+1)`` top-k
+        and tail buckets with the ``(N, K)`` tokens they belong to."""
         split = self.subsets[model.training]
         if self.cache is not None and self.cache.has(split):
             values, index, tail = self.cache.split(split, self.task.dataset(split)).rows(sample["id"], mask.sum(1))
             device = mask.device
             values, index, tail = values.to(device), index.to(device), tail.to(device)
-            return dense_log_probs(values, index, tail, len(self.task.target_dictionary)), index
+            return torch.cat([values, tail.unsqueeze(-1)], -1), index  # buckets: no (N, V) teacher
         return self.teacher_for(model).log_probs(*inputs, mask, ids=sample.get("id")), None
 
     def forward(self, model, sample, reduce=True):
@@ -104,7 +106,9 @@ class WordKDCriterion(KDCriterion):
             "loss": loss.data,
             "nll_loss": nll.data,
             "kd_loss": kd.data,
-            "n_agree": agreement(student, teacher).data,
+            # a cache's top tokens are sorted: its first is the teacher's argmax
+            "n_agree": (agreement(student, teacher) if index is None else
+                        (student.argmax(-1) == index[:, 0]).sum()).data,
             "n_scored": n_scored,
             "ntokens": sample["ntokens"],
             "nsentences": sample["target"].size(0),
