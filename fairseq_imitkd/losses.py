@@ -215,12 +215,26 @@ def atkd(student_lprobs: Tensor, teacher_lprobs: Tensor, next_tokens: Tensor, al
 
 
 def tail_mass(lprobs: Tensor, index: Tensor) -> Tensor:
-    """``(N, 1)``: the log of the mass outside the tokens ``index``. A row with no mass there (k = V, or the
-    rest masked) gets -inf; the logsumexp runs on a finite stand-in there, so that no NaN flows back."""
-    rest = lprobs.scatter(-1, index, -math.inf)
-    empty = torch.isneginf(rest).all(-1, keepdim=True)
-    mass = torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1, keepdim=True)
-    return mass.masked_fill(empty, -math.inf)
+    """``(N, 1)``: the log of the mass outside the tokens ``index``.
+
+    Summed directly in probability space, which is exact (no cancellation against the top k) and costs
+    about half the V-wide passes of a masked log-sum-exp, the bulk of a cached word_kd update's KD term.
+    Rows whose rest underflows there (a very peaked row, or none left: k = V, masked entries) take the
+    masked log-sum-exp instead, on a finite stand-in where nothing is left, so no NaN flows back.
+    """
+    rest = lprobs.exp().scatter(-1, index, 0.0).sum(-1, keepdim=True)
+    tiny = rest.squeeze(-1) < _UNDERFLOW
+    out = rest.clamp_min(_UNDERFLOW).log()
+    if tiny.any():
+        rows = tiny.nonzero().squeeze(-1)
+        masked = lprobs[rows].scatter(-1, index[rows], -math.inf)
+        empty = torch.isneginf(masked).all(-1, keepdim=True)
+        exact = torch.logsumexp(masked.masked_fill(empty, 0.0), dim=-1, keepdim=True).masked_fill(empty, -math.inf)
+        out = out.index_put((rows,), exact)
+    return out
+
+
+_UNDERFLOW = 1e-30  # far above float32's smallest normal (1.2e-38): below it, exp() has lost mass
 
 
 def student_buckets(student_lprobs: Tensor, index: Tensor) -> Tensor:

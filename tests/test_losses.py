@@ -294,6 +294,23 @@ def test_topk_targets_keep_the_teachers_best_tokens_and_the_rest_of_both_masses(
         kd_divergence("atkd", s, t, next_tokens=torch.tensor([0]), teacher_topk=2)
 
 
+def test_tail_mass_is_the_log_sum_exp_of_the_rest_also_where_it_underflows():
+    from fairseq_imitkd.losses import tail_mass
+
+    logits = torch.randn(3, 6, generator=torch.Generator().manual_seed(55))
+    logits[1, 0] = 200.0  # a row so peaked that the rest's probabilities underflow in float32
+    lprobs = logits.log_softmax(-1).requires_grad_(True)
+    index = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    out = tail_mass(lprobs, index)
+    reference = lprobs.detach().scatter(-1, index, -math.inf).logsumexp(-1, keepdim=True)
+    assert torch.isfinite(reference).all() and reference[1].item() < -150
+    torch.testing.assert_close(out, reference)
+    out.sum().backward()
+    assert torch.isfinite(lprobs.grad).all()
+    full = tail_mass(lprobs.detach(), torch.arange(6).expand(3, 6))  # nothing is left: -inf
+    assert torch.isneginf(full).all()
+
+
 def test_a_teacher_given_as_buckets_gives_the_topk_loss_and_gradient():
     """A cache hands over the teacher's top k and tail, never its (N, V) distribution: the loss and the
     student's gradient must be those of --kd-teacher-topk K on the whole teacher."""
