@@ -59,7 +59,8 @@ def agreement(work: str, teacher_dir: str) -> dict:
         corpus_seconds={e: s["seconds"] for e, s in stats.items()},
         corpus_devices={e: sorted({sh["device"] for sh in s["shards"]}) for e, s in stats.items()},
         mean_target_length={e: round(s["mean_target_length"], 3) for e, s in stats.items()},
-        note="whole-train builds of benchmarks/multi30k, each beside one other 1-thread benchmark job",
+        note="whole-train builds of benchmarks/multi30k, timed by imitkd-seqkd; what shared the CPU with them is "
+             "in benchmarks/README.md",
     )
 
 
