@@ -271,3 +271,21 @@ def test_bootstrap_pairs_each_system_on_the_lowest_seed_both_have(tmp_path):
     greedy = [b for b in got if b["decode"] == "greedy"]
     assert [(b["baseline"], b["system"], b["seed"]) for b in greedy] == [("scratch", "word_kd", 3)]
     assert greedy[0]["bleu"] == 100.0 and greedy[0]["baseline_bleu"] < 100.0
+
+
+def test_bootstrap_pairs_different_seeds_when_no_seed_has_both(tmp_path):
+    import collect
+
+    text = tmp_path / "text"
+    text.mkdir()
+    refs = ["a dog runs on the grass", "two men play football", "a woman reads a book", "the child is smiling"]
+    (text / "test_2016_flickr.en").write_text("\n".join(refs) + "\n")
+    ctx = run.Context(run.parse_args(["--workdir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"),
+                                      "--text-dir", str(text)]))
+    worse = ["a dog runs", "two men play", "a woman reads", "the child"]
+    _finished_run(ctx, "word_kd", 3, 1.0, worse)
+    _finished_run(ctx, "word_kd_jsd", 1, 2.0, refs)  # seed 1 only: no seed with both outputs
+    present = collect.collect(ctx)["methods"]
+    greedy = [b for b in collect.bootstrap(ctx, present) if b["decode"] == "greedy" and b["baseline"] == "word_kd"]
+    assert [(b["system"], b["seed"]) for b in greedy] == [("word_kd_jsd", "1/3")]
+    assert greedy[0]["bleu"] == 100.0 and greedy[0]["baseline_bleu"] < 100.0

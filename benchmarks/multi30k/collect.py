@@ -86,7 +86,8 @@ def _hypothesis(ctx, method: str, seed: int, decode: str, scratch_dir: str) -> O
 def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
     """Paired bootstrap of every method against scratch, of every ImitKD variant against word_kd and
     against seqkd, of word_kd's other divergences against word_kd, and of seqkd_ct2 against seqkd; each
-    pair on the test outputs of the lowest seed that both have."""
+    pair on the test outputs of the lowest seed that both have, or, where no seed has both, of each
+    one's lowest seed with outputs (its ``seed`` is then "system's/baseline's")."""
     import tempfile
 
     ref = os.path.join(ctx.args.text_dir, "test_2016_flickr.en")
@@ -100,6 +101,7 @@ def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
             for base in ("scratch", "word_kd", "seqkd"):
                 by_seed: Dict[int, Dict[str, str]] = {}  # seed -> {system: outputs}
                 base_hyps = {}
+                apart: Dict[str, tuple] = {}  # system -> (its seed, the baseline's seed): no common seed has outputs
                 for b, m in pairs:
                     if b != base or base not in present:
                         continue
@@ -110,15 +112,26 @@ def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
                         if base_hyps[seed] and hyp:
                             by_seed.setdefault(seed, {})[m] = hyp
                             break
+                    else:
+                        own = next(((s, h) for s in present[m]["seeds"]
+                                    if (h := _hypothesis(ctx, m, s, name, scratch_dir))), None)
+                        theirs = next(((s, h) for s in present[base]["seeds"]
+                                       if (h := _hypothesis(ctx, base, s, name, scratch_dir))), None)
+                        if own and theirs:
+                            apart[m] = (own, theirs)
                 for seed, hyps in sorted(by_seed.items()):
                     res = evaluate.paired_bootstrap(base_hyps[seed], hyps, ref)
                     out.extend(dict(decode=decode, baseline=base, system=m, seed=seed, **res[m]) for m in hyps)
+                # still paired on the same test sentences, but the two seeds differ: the seed is "system/baseline"
+                for m, ((s, hyp), (bs, base_hyp)) in sorted(apart.items()):
+                    res = evaluate.paired_bootstrap(base_hyp, {m: hyp}, ref)
+                    out.append(dict(decode=decode, baseline=base, system=m, seed=f"{s}/{bs}", **res[m]))
     # rows computed by an earlier session on outputs that were not kept, for the seeds they were on
     done = {(b["decode"], b["baseline"], b["system"], b["seed"]) for b in out}
     out += [b for b in ctx.archive.bootstrap() if (b["decode"], b["baseline"], b["system"], b["seed"]) not in done
             and b["baseline"] in present and b["system"] in present]
     return sorted(out, key=lambda b: (BOOTSTRAP_ORDER[b["decode"]], b["baseline"] != "scratch", b["baseline"],
-                                      b["system"], b["seed"]))
+                                      b["system"], str(b["seed"])))
 
 
 def signature(ctx, present: Dict[str, dict]) -> Optional[str]:

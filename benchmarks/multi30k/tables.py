@@ -155,6 +155,8 @@ def markdown(res: dict, png: str) -> str:
         lines.append("")
     if res["paired_bootstrap"]:
         lines += ["## Paired bootstrap (sacreBLEU `--paired-bs`, 1,000 resamples, the lowest seed both have)", "",
+                  "Seed `a/b`: no seed has outputs of both, so the system's seed a is paired with the baseline's "
+                  "seed b (the same test sentences, two seeds).", "",
                   "| decode | baseline | system | seed | baseline BLEU | system BLEU | 95% CI ± | p |",
                   "|---|---|---|---|---|---|---|---|"]
         for b in res["paired_bootstrap"]:
