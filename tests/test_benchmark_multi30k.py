@@ -252,9 +252,8 @@ def test_archive_finished_replaces_rebuilt_records_and_keeps_real_ones(tmp_path)
     assert got == {"scratch": 10.0, "word_kd": 2.0, "seqkd": 30.0}
 
 
-def test_bootstrap_pairs_each_system_on_the_lowest_seed_both_have(tmp_path):
-    import collect
-
+def _bootstrap_context(tmp_path):
+    """A tier over four test references, the references themselves and a worse system's outputs."""
     text = tmp_path / "text"
     text.mkdir()
     refs = ["a dog runs on the grass", "two men play football", "a woman reads a book", "the child is smiling"]
@@ -262,6 +261,13 @@ def test_bootstrap_pairs_each_system_on_the_lowest_seed_both_have(tmp_path):
     ctx = run.Context(run.parse_args(["--workdir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"),
                                       "--text-dir", str(text)]))
     worse = ["a dog runs", "two men play", "a woman reads", "the child"]
+    return ctx, refs, worse
+
+
+def test_bootstrap_pairs_each_system_on_the_lowest_seed_both_have(tmp_path):
+    import collect
+
+    ctx, refs, worse = _bootstrap_context(tmp_path)
     _finished_run(ctx, "scratch", 2, 1.0, worse)
     rec, d = _finished_run(ctx, "scratch", 3, 1.0, worse)
     ctx.archive.save_run(rec, d)
@@ -276,13 +282,7 @@ def test_bootstrap_pairs_each_system_on_the_lowest_seed_both_have(tmp_path):
 def test_bootstrap_pairs_different_seeds_when_no_seed_has_both(tmp_path):
     import collect
 
-    text = tmp_path / "text"
-    text.mkdir()
-    refs = ["a dog runs on the grass", "two men play football", "a woman reads a book", "the child is smiling"]
-    (text / "test_2016_flickr.en").write_text("\n".join(refs) + "\n")
-    ctx = run.Context(run.parse_args(["--workdir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"),
-                                      "--text-dir", str(text)]))
-    worse = ["a dog runs", "two men play", "a woman reads", "the child"]
+    ctx, refs, worse = _bootstrap_context(tmp_path)
     _finished_run(ctx, "word_kd", 3, 1.0, worse)
     _finished_run(ctx, "word_kd_jsd", 1, 2.0, refs)  # seed 1 only: no seed with both outputs
     present = collect.collect(ctx)["methods"]
