@@ -63,7 +63,10 @@ def test_two_ranks_train_one_model(toy_data, teacher, tmp_path, criterion):
         # identical replicas after every update
         assert step0["params_sha"] == step1["params_sha"], step0["update"]
         if criterion == "imitkd":
-            assert step0["beta"] == step1["beta"] and len(set(step0["beta"])) == 1, step0["update"]
+            # the probe reads β back as beta_x_sents / nsentences, which rounds differently for the two
+            # ranks' sentence counts: equal to 12 digits is the same β
+            beta0, beta1 = ([round(b, 12) for b in step["beta"]] for step in (step0, step1))
+            assert beta0 == beta1 and len(set(beta0)) == 1, (step0["update"], step0["beta"], step1["beta"])
             for step in (step0, step1):  # rollouts only of this rank's own sentences
                 assert all(row in step["sources"] for row in step["rolled"])
     assert len(ranks[0]["updates"]) == 6
