@@ -100,23 +100,25 @@ def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
         for decode, name in BOOTSTRAP_DECODES:
             for base in ("scratch", "word_kd", "seqkd"):
                 by_seed: Dict[int, Dict[str, str]] = {}  # seed -> {system: outputs}
-                base_hyps = {}
+                base_hyps: Dict[int, Optional[str]] = {}
+
+                def base_hyp(seed, base=base):  # each baseline output unpacked once
+                    if seed not in base_hyps:
+                        base_hyps[seed] = _hypothesis(ctx, base, seed, name, scratch_dir)
+                    return base_hyps[seed]
                 apart: Dict[str, tuple] = {}  # system -> (its seed, the baseline's seed): no common seed has outputs
                 for b, m in pairs:
                     if b != base or base not in present:
                         continue
                     for seed in sorted(set(present[base]["seeds"]) & set(present[m]["seeds"])):
-                        if seed not in base_hyps:
-                            base_hyps[seed] = _hypothesis(ctx, base, seed, name, scratch_dir)
                         hyp = _hypothesis(ctx, m, seed, name, scratch_dir)
-                        if base_hyps[seed] and hyp:
+                        if base_hyp(seed) and hyp:
                             by_seed.setdefault(seed, {})[m] = hyp
                             break
                     else:
                         own = next(((s, h) for s in present[m]["seeds"]
                                     if (h := _hypothesis(ctx, m, s, name, scratch_dir))), None)
-                        theirs = next(((s, h) for s in present[base]["seeds"]
-                                       if (h := _hypothesis(ctx, base, s, name, scratch_dir))), None)
+                        theirs = next(((s, h) for s in present[base]["seeds"] if (h := base_hyp(s))), None)
                         if own and theirs:
                             apart[m] = (own, theirs)
                 for seed, hyps in sorted(by_seed.items()):

@@ -48,6 +48,8 @@ from fairseq import utils
 from fairseq.data import data_utils, indexed_dataset
 from fairseq.dataclass.configs import GenerationConfig
 
+from ..errors import ImitKDError
+from ..export import QUANTIZATIONS
 from ..teacher import (check_teacher_files, file_identity, load_teacher, split_teacher_paths,
                        translation_task)
 from . import SeqKDError
@@ -66,8 +68,6 @@ from .corpus_files import (
     write_indexed,
     write_json,
 )
-from ..errors import ImitKDError
-from ..export import QUANTIZATIONS
 from .decoding import SELECT_CHOICES, SMOOTH_CHOICES, SentenceBleu, decode_shard, shard_range
 from .engines import ENGINES, CTranslate2Engine, FairseqEngine, resolve_compute_type
 
@@ -272,7 +272,7 @@ def corpus_settings(args, prefixes: Dict[str, str], num_sentences: int) -> Dict[
     }
     if args.engine != "fairseq":  # fairseq corpora keep the settings they had before there was a choice
         settings["engine"] = args.engine
-        settings["ct2_compute_type"] = resolve_compute_type(args.engine, args.ct2_compute_type, use_cuda(args))
+        settings["ct2_compute_type"] = resolve_compute_type(args.ct2_compute_type, use_cuda(args))
     if args.select == "sentence-bleu":
         settings["bleu"] = {"smooth": args.bleu_smooth, "remove_bpe": args.remove_bpe,
                             "tokenize": args.bleu_tokenize or ("13a" if args.remove_bpe else "none")}

@@ -30,8 +30,6 @@ DEFAULT_COMPUTE_TYPE = {"cpu": "int8", "cuda": "int8_float16"}
 class FairseqEngine:
     """fairseq's SequenceGenerator over the (frozen) teacher, set up as fairseq-generate sets it up."""
 
-    name = "fairseq"
-
     def __init__(self, task, teacher, gen_cfg: GenerationConfig, use_cuda: bool):
         self.task, self.teacher, self.use_cuda = task, teacher, use_cuda
         self.models = teacher.models
@@ -61,8 +59,6 @@ class CTranslate2Engine:
     The length limit follows fairseq's rule, ``max_len_a * padded source length + max_len_b`` per batch,
     and ``length_penalty`` is fairseq's ``lenpen`` (both divide the log-probability by length^lenpen).
     """
-
-    name = "ctranslate2"
 
     def __init__(self, teacher_path: str, data: str, source_lang: str, target_lang: str, src_dict, tgt_dict,
                  gen_cfg: GenerationConfig, use_cuda: bool, compute_type: str):
@@ -108,10 +104,6 @@ class CTranslate2Engine:
         self._tmp.cleanup()
 
 
-def resolve_compute_type(engine: str, compute_type: str, use_cuda: bool) -> str:
+def resolve_compute_type(compute_type: str, use_cuda: bool) -> str:
     """The CTranslate2 compute type a run uses ('default': int8 on CPU, int8_float16 on a GPU)."""
-    if engine != "ctranslate2":
-        return None
-    if compute_type == "default":
-        return DEFAULT_COMPUTE_TYPE["cuda" if use_cuda else "cpu"]
-    return compute_type
+    return DEFAULT_COMPUTE_TYPE["cuda" if use_cuda else "cpu"] if compute_type == "default" else compute_type
