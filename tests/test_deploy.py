@@ -142,6 +142,25 @@ def test_vmap_builder_counts_pairs_analytically():
     assert build_vmap(sources, targets, per_source=5, common=0, min_share=0.5)["a"] == ["x"]  # 3/3 > 0.5 only
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--target", "{short}"], "have different line counts"),
+    (["--per-source", "-1"], "--per-source and --common must be >= 0"),
+    (["--common", "-2"], "--per-source and --common must be >= 0"),
+    (["--min-share", "1"], "--min-share in [0, 1)"),
+])
+def test_bad_vmap_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
+    from fairseq_imitkd_vmap import main
+
+    (tmp_path / "src").write_text("a b\nc\n")
+    (tmp_path / "tgt").write_text("x y\nz\n")
+    (tmp_path / "short").write_text("x y\n")
+    extra = [e.format(short=tmp_path / "short") for e in extra]
+    with pytest.raises(SystemExit) as e:
+        main(["--source", str(tmp_path / "src"), "--target", str(tmp_path / "tgt"), "-o", str(tmp_path / "v"), *extra])
+    assert str(e.value).startswith("imitkd-vmap: ") and message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "v").exists()
+
+
 def test_a_vmap_export_translates_with_the_restricted_vocabulary(word_kd_student, test_split, tmp_path):
     """With a map that holds every piece fairseq outputs, greedy output is unchanged (the argmax is a
     candidate); with an empty map it cannot be, which shows the map is used."""

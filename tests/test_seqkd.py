@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import COMMON_TRAIN, fairseq_generate, fairseq_train, read_json_log
 
@@ -307,4 +308,15 @@ def test_ctranslate2_engine_option_errors(small_data, teacher, tmp_path, capsys)
     ]:
         code, err = seqkd_main(capsys, *base, *extra)
         assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctranslate2_engine_refuses_fp16(small_data, teacher, tmp_path, capsys, monkeypatch):
+    """--fp16 is fairseq's half-precision teacher; with CTranslate2 the compute type says it. Checked
+    before any GPU is touched, so a CPU machine can test it by pretending to have one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = [a for a in RUN if a != "--cpu"]
+    code, err = seqkd_main(capsys, small_data, "-o", tmp_path / "out", "--teacher-path", teacher, *args,
+                           "--engine", "ctranslate2", "--fp16")
+    assert code == 2 and "--fp16 is the fairseq engine's" in err and "int8_float16" in err, err
     assert not (tmp_path / "out").exists()

@@ -51,6 +51,11 @@ ABLATIONS: Dict[str, dict] = {
                                label="ImitKD+Full, beta = 1 for the first 40% of updates, then 200^(-t/N)"),
     "seqkd_ct2": dict(cost=1.2, data="seqkd_ct2", kd=False,
                       label="Seq-KD on the corpus CTranslate2 decoded (imitkd-seqkd --engine ctranslate2, int8)"),
+    # the deployment-speed architecture lever: depth moved to the encoder at d=256 (6+1), against the 3+1 d=128
+    # student of every other row, trained as word_kd_cache
+    "word_kd_cache_deep_shallow": dict(cost=4.0, data="gold", kd=True, cache=32,
+                                       arch="transformer_student_deep_shallow",
+                                       label="Word-KD from the teacher cache, 6+1 d=256 deep-shallow student"),
 }
 ALL = {**METHODS, **ABLATIONS}
 
@@ -94,6 +99,7 @@ _METHOD_ARGS = {
     "word_kd_jsd": _WORD_KD + ["--kd-divergence", "jsd", "--kd-jsd-beta", "0.5"],
     "word_kd_atkd": _WORD_KD + ["--kd-divergence", "atkd", "--kd-atkd-alpha", "0.2"],
     "word_kd_cache": _WORD_KD,  # + --kd-teacher-cache DIR (method_args)
+    "word_kd_cache_deep_shallow": _WORD_KD,
     "imitkd_full_jsd": _ADAPTIVE + _FULL_GREEDY + ["--kd-divergence", "jsd", "--kd-jsd-beta", "0.5"],
     "imitkd_full_atkd": _ADAPTIVE + _FULL_GREEDY + ["--kd-divergence", "atkd", "--kd-atkd-alpha", "0.2"],
     "imitkd_full_base10": _imitkd("10") + _FULL_GREEDY,
@@ -139,10 +145,11 @@ def method_args(method: str, teacher_args: List[str], tier: dict = None, caches:
 CLIP_NORM = 5.0
 
 
-def common_args(tier: dict, seed: int) -> List[str]:
-    """What every method shares: student, optimizer, budget, seed and the checkpoint-selection rule."""
+def common_args(tier: dict, seed: int, arch: str = STUDENT) -> List[str]:
+    """What every method shares: student (one architecture but for the architecture ablation), optimizer,
+    budget, seed and the checkpoint-selection rule."""
     return [
-        "--arch", STUDENT, "--share-all-embeddings", "--dropout", "0.1", "--weight-decay", "0.0001",
+        "--arch", arch, "--share-all-embeddings", "--dropout", "0.1", "--weight-decay", "0.0001",
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", str(CLIP_NORM),
         "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(tier["warmup"]),
         "--max-tokens", str(tier["max_tokens"]), "--required-batch-size-multiple", "1",

@@ -227,7 +227,7 @@ def train(ctx: Context, method: str, seed: int) -> dict:
         # a finished run is never restarted: fairseq would resume it and do one update more
         cmd = [sys.executable, "-m", "fairseq_cli.train", ctx.data[methods.ALL[method]["data"]],
                "--user-dir", USER_DIR, "--save-dir", run_dir] + methods.method_args(method, ctx.teacher_args, ctx.tier, ctx.caches) \
-            + methods.common_args(ctx.tier, seed) + ctx.device_args
+            + methods.common_args(ctx.tier, seed, methods.ALL[method].get("arch", methods.STUDENT)) + ctx.device_args
         if "start_from" in ctx.tier:
             # fairseq loads it (weights only: optimizer, schedule, meters and data order reset) on the first
             # launch and resumes from checkpoint_last.pt after an interruption

@@ -370,6 +370,7 @@ def build(args) -> dict:
                                        args.target_lang, task.source_dictionary, task.target_dictionary, gen_cfg,
                                        cuda, settings["ct2_compute_type"])
             cuda = False  # CTranslate2 takes the batch from CPU tensors
+            del teacher  # only checked above; CTranslate2 holds its own copy of the weights
         else:
             engine = FairseqEngine(task, teacher, gen_cfg, cuda)
         scorer = None
