@@ -4,8 +4,9 @@ Two readings:
 - the whole Multi30k train corpus that benchmarks/multi30k built with each engine (its
   ``seqkd_stats.json`` seconds), and how far the two corpora agree: the share of identical targets and
   the BLEU of the CTranslate2 targets against the fairseq ones (detokenized, sacreBLEU);
-- ``--slice N``: both engines decode the same first 1/N of train here, one after the other, with
-  nothing else running, at ``--threads``: the clean speed ratio.
+- ``--slice N``: fairseq, CTranslate2, and CTranslate2 with a vocabulary map (imitkd-vmap's defaults
+  over the training pairs) decode the same first 1/N of train here, one after the other, with nothing
+  else running, at ``--threads``: the clean speed ratios, and how many targets match fairseq's.
 
     OMP_NUM_THREADS=1 python benchmarks/seqkd_engines.py --slice 15 --out benchmarks/results/seqkd_engines.json
 """
@@ -29,6 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--work", default=os.path.join(HERE, "multi30k", "work"),
                    help="benchmarks/multi30k's work directory (bin/, seqkd/, seqkd_ct2/)")
     p.add_argument("--teacher-dir", default=data.DEFAULT_TEACHER_DIR)
+    p.add_argument("--text-dir", default=data.DEFAULT_TEXT_DIR, help="Multi30k raw text (for the slice's vmap)")
     p.add_argument("--slice", type=int, default=15, help="time both engines on the first 1/N of train (0: skip)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(HERE, "results", "seqkd_engines.json"))
@@ -64,24 +66,39 @@ def agreement(work: str, teacher_dir: str) -> dict:
     )
 
 
-def time_slice(work: str, teacher_dir: str, n: int, threads: int) -> dict:
-    from fairseq_imitkd.seqkd.corpus_files import ShardFiles
+def time_slice(work: str, teacher_dir: str, text_dir: str, n: int, threads: int) -> dict:
+    """Each engine setting decodes the same first 1/n of train, one after the other; CTranslate2's
+    targets are also compared with fairseq's (share of identical sentences)."""
+    import numpy as np
 
-    out = {}
+    from fairseq_imitkd.seqkd.corpus_files import ShardFiles, read_indexed
+
+    out, targets = {}, {}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     with tempfile.TemporaryDirectory() as tmp:
-        for engine in ("fairseq", "ctranslate2"):
+        vmap = os.path.join(tmp, "train.vmap")  # imitkd-vmap's defaults, from the training pairs
+        subprocess.run([sys.executable, "-m", "fairseq_imitkd_vmap", "--source", os.path.join(text_dir, "train.de"),
+                        "--target", os.path.join(text_dir, "train.en"), "--spm", os.path.join(teacher_dir, "spm.model"),
+                        "-o", vmap], check=True, capture_output=True)
+        settings = {"fairseq": ["--engine", "fairseq"], "ctranslate2": ["--engine", "ctranslate2"],
+                    "ctranslate2_vmap": ["--engine", "ctranslate2", "--ct2-vmap", vmap]}
+        for name, extra in settings.items():
             cmd = [sys.executable, "-m", "fairseq_imitkd.seqkd", os.path.join(work, "bin"), "-o",
-                   os.path.join(tmp, engine), "--teacher-path", os.path.join(teacher_dir, "checkpoint.pt"),
+                   os.path.join(tmp, name), "--teacher-path", os.path.join(teacher_dir, "checkpoint.pt"),
                    "--teacher-data", teacher_dir, "--split", "train", "--beam", "5", "--max-tokens", "8000",
-                   "--num-shards", str(n), "--shard-id", "0", "--no-progress-bar", "--cpu", "--engine", engine]
+                   "--num-shards", str(n), "--shard-id", "0", "--no-progress-bar", "--cpu", *extra]
             t0 = time.time()
             subprocess.run(cmd, check=True, env=env, capture_output=True)
-            marker = ShardFiles(os.path.join(tmp, engine), n).read_marker(0)
-            out[engine] = dict(sentences=marker["sentences"], decode_s=round(marker["seconds"], 2),
-                               wall_s=round(time.time() - t0, 2), device=marker["device"])
-    out["speedup_decode"] = round(out["fairseq"]["decode_s"] / out["ctranslate2"]["decode_s"], 2)
-    out["speedup_wall"] = round(out["fairseq"]["wall_s"] / out["ctranslate2"]["wall_s"], 2)
+            shards = ShardFiles(os.path.join(tmp, name), n)
+            marker = shards.read_marker(0)
+            targets[name] = read_indexed(shards.prefix(0))
+            out[name] = dict(sentences=marker["sentences"], decode_s=round(marker["seconds"], 2),
+                             wall_s=round(time.time() - t0, 2), device=marker["device"])
+            if name != "fairseq":
+                same = sum(np.array_equal(a, b) for a, b in zip(targets[name], targets["fairseq"]))
+                out[name]["exact_match_fairseq"] = round(same / len(targets[name]), 4)
+                out[name]["speedup_decode"] = round(out["fairseq"]["decode_s"] / out[name]["decode_s"], 2)
+                out[name]["speedup_wall"] = round(out["fairseq"]["wall_s"] / out[name]["wall_s"], 2)
     return out
 
 
@@ -92,8 +109,8 @@ def main(argv=None):
     if os.path.isfile(os.path.join(args.work, "seqkd_ct2", "seqkd_stats.json")):
         result["whole_train"] = agreement(args.work, args.teacher_dir)
     if args.slice:
-        result["slice"] = dict(fraction=f"1/{args.slice}", **time_slice(args.work, args.teacher_dir, args.slice,
-                                                                           args.threads))
+        result["slice"] = dict(fraction=f"1/{args.slice}", **time_slice(args.work, args.teacher_dir, args.text_dir,
+                                                                           args.slice, args.threads))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -302,13 +302,42 @@ def test_ctranslate2_engine_decodes_the_same_corpus_as_fairseq(small_data, teach
 def test_ctranslate2_engine_option_errors(small_data, teacher, tmp_path, capsys):
     base = [small_data, "-o", tmp_path / "out", "--teacher-path", teacher, *RUN]
     for extra, message in [
-        (["--ct2-compute-type", "int8"], "--ct2-compute-type is only used with --engine ctranslate2"),
+        (["--ct2-compute-type", "int8"], "--ct2-compute-type and --ct2-vmap are only used with --engine ctranslate2"),
+        (["--ct2-vmap", tmp_path], "--ct2-compute-type and --ct2-vmap are only used with --engine ctranslate2"),
+        (["--engine", "ctranslate2", "--ct2-vmap", tmp_path / "nosuch.vmap"], "--ct2-vmap"),
         (["--engine", "ctranslate2", "--ct2-compute-type", "int4"], "--ct2-compute-type 'int4' is not one of"),
         (["--engine", "ctranslate2", "--teacher-path", f"{teacher}:{teacher}"], "not an ensemble"),
     ]:
         code, err = seqkd_main(capsys, *base, *extra)
         assert code == 2 and message in err and "Traceback" not in err, (extra, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_ctranslate2_vmap_restricts_the_targets(small_data, teacher, seqkd_top, tmp_path, capsys):
+    """A map that keeps every target piece changes nothing; one that keeps a single piece for every
+    sentence leaves the teacher only that piece and the special symbols (which CTranslate2 always keeps)
+    to write. Each map is its own corpus."""
+    pytest.importorskip("ctranslate2")
+    pieces = [line.split()[0] for line in (small_data / "dict.tgt.txt").read_text().splitlines()]
+    full, one = tmp_path / "full.vmap", tmp_path / "one.vmap"
+    full.write_text("\t" + " ".join(pieces) + "\n")
+    one.write_text("\t" + pieces[0] + "\n")
+    theirs = tokens(seqkd_top[0] / "train.src-tgt.tgt")
+    out = {}
+    for name, vmap in (("full", full), ("one", one)):
+        out[name] = tmp_path / name
+        seqkd(small_data, "-o", out[name], "--teacher-path", teacher, "--engine", "ctranslate2",
+              "--ct2-compute-type", "float32", "--ct2-vmap", vmap, *RUN)
+    ours = tokens(out["full"] / "train.src-tgt.tgt")
+    assert sum(np.array_equal(a, b) for a, b in zip(ours, theirs)) >= 0.95 * N
+    from fairseq.data import Dictionary
+
+    d = Dictionary.load(str(small_data / "dict.tgt.txt"))
+    allowed = {d.index(pieces[0]), d.bos(), d.eos(), d.unk()}
+    assert all(set(t.tolist()) <= allowed for t in tokens(out["one"] / "train.src-tgt.tgt"))
+    code, err = seqkd_main(capsys, small_data, "-o", out["one"], "--teacher-path", teacher, "--engine", "ctranslate2",
+                           "--ct2-compute-type", "float32", "--ct2-vmap", full, *RUN)
+    assert code == 2 and "ct2_vmap_sha256" in err, err
 
 
 def test_ctranslate2_engine_refuses_fp16(small_data, teacher, tmp_path, capsys, monkeypatch):
