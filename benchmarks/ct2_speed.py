@@ -7,9 +7,9 @@ Speed is the decoders' own timers (fairseq-generate's "Translated ..." line, CTr
 ``ExecutionStats``), best of ``--repeats``; BLEU is sacreBLEU on detokenized output against the raw
 references, every decode at fairseq-generate's default limit of 200 target pieces.
 
-Levers, each alone on the first student's int8 greedy batch-64 decode: a vocabulary map built from the
-training pairs (``imitkd-vmap``, ``--use-vmap``), and batches in file order instead of sorted by length
-(``--read-batch-size 64``).
+Levers, each alone on an int8 greedy batch-64 decode: a vocabulary map built from the training pairs
+(``imitkd-vmap``, ``--use-vmap``) on every student, and batches in file order instead of sorted by
+length (``--read-batch-size 64``) on the first.
 
     OMP_NUM_THREADS=1 python benchmarks/ct2_speed.py --students word_kd=PATH,imitkd_token=PATH
 """
@@ -136,8 +136,9 @@ def main(argv=None):
             for beam, batch in ([(5, 64)] if teacher else [(1, 64), (1, 1)]):
                 rows.append(dict(model=name, weights=quantization,
                                  **ct2_decode(args, f"{name}.{quantization}", model_dir, beam, batch)))
-            if i == 1 and quantization == "int8":  # the levers, on the first student
-                for lever, extra in [("vmap", ["--use-vmap"]), ("file order", ["--read-batch-size", "64"])]:
+            if not teacher and quantization == "int8":  # the vmap on every student, file order on the first
+                levers = [("vmap", ["--use-vmap"])] + ([("file order", ["--read-batch-size", "64"])] if i == 1 else [])
+                for lever, extra in levers:
                     rows.append(dict(model=name, weights=quantization, lever=lever, **ct2_decode(
                         args, f"{name}.{quantization}.{lever.replace(' ', '_')}", model_dir, 1, 64, extra)))
     add_ratios(rows)

@@ -179,10 +179,14 @@ def corpora_seconds(ctx) -> Dict[str, float]:
     return out
 
 
-CT2_SPEED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "ct2_speed.json")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 
 
-def ct2_speed(path: str = CT2_SPEED) -> Optional[dict]:
-    """``benchmarks/ct2_speed.py``'s table (the students deployed with CTranslate2), if it was run."""
-    return _read(path) if os.path.exists(path) else None
+def ct2_speed(results: str = RESULTS) -> List[dict]:
+    """``benchmarks/ct2_speed.py``'s tables (the students deployed with CTranslate2): ``ct2_speed.json``
+    first, then any later run written beside it as ``ct2_speed_*.json``. Each run has its own teacher
+    baselines, so ratios are only read within a run."""
+    first = os.path.join(results, "ct2_speed.json")
+    paths = ([first] if os.path.exists(first) else []) + sorted(glob.glob(os.path.join(results, "ct2_speed_*.json")))
+    return [dict(_read(p), file=os.path.basename(p)) for p in paths]
 

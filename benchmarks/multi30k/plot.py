@@ -23,8 +23,10 @@ def plot(res: dict, path: str) -> None:
         if r["student_sents_per_sec_beam5"]:
             ax.scatter([r["student_sents_per_sec_beam5"]], [r["bleu_beam5"]], color=cmap(i % 10), marker="^",
                        alpha=0.6)
-    ct2 = res.get("ctranslate2_speed")
-    if ct2:  # the deployed students: CTranslate2 int8, greedy, batch 64 (one seed each, another run's timer)
+    # the deployed students: CTranslate2 int8, greedy, batch 64 (one seed each, another run's timer); only the
+    # first run, whose machine timed the ● points: later runs (ct2_speed_*.json) may have timed on another
+    ct2 = (res.get("ctranslate2_speed") or [None])[0]
+    if ct2:
         colors = {m: cmap(i % 10) for i, m in enumerate(res["methods"])}
         first = True
         for r in ct2["rows"]:

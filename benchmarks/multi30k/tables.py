@@ -39,25 +39,34 @@ def readme_table(res: dict) -> str:
 
 def ct2_table(res: dict) -> str:
     """The students deployed with CTranslate2 (``benchmarks/ct2_speed.py``), greedy at batch 64, beside
-    fairseq-generate in the same run; empty when that script has not been run."""
-    ct2 = res.get("ctranslate2_speed")
-    if not ct2:
-        return ""
-    rows = {(r["model"], r["engine"], r["weights"], r["beam"], r["batch_size"]): r
-            for r in ct2["rows"] if not r.get("lever")}
-    out = ["", "", f"Deployed with CTranslate2 (`benchmarks/ct2_speed.py`, {ct2['date']}, {ct2['threads']} thread, "
-           "batch 64, one student per method, each model alone; BLEU at fairseq-generate's default limit):", "",
-           "| model | fairseq sents/s | CT2 float32 | CT2 int8 | int8 × fairseq teacher beam 5 "
-           "| int8 × CT2 int8 teacher beam 5 | BLEU fairseq → CT2 int8 |", "|---|---|---|---|---|---|---|"]
-    for model in dict.fromkeys(r["model"] for r in ct2["rows"]):
-        beam = 5 if model == "teacher" else 1
-        fs, f32, i8 = (rows.get((model, e, w, beam, 64)) for e, w in
-                       (("fairseq", "float32"), ("ctranslate2", "float32"), ("ctranslate2", "int8")))
-        if not (fs and f32 and i8):
-            continue
-        out.append(f"| {model}{' (beam 5)' if beam == 5 else ''} | {fs['sents_per_sec']:.1f} | "
-                   f"{f32['sents_per_sec']:.1f} | {i8['sents_per_sec']:.1f} | {i8['x_fairseq_teacher_beam5']:.1f} | "
-                   f"{i8['x_ct2_int8_teacher_beam5']:.1f} | {fs['bleu']:.2f} → {i8['bleu']:.2f} |")
+    fairseq-generate in the same run: one table per run, since each run has its own teacher baselines
+    (and possibly its own machine); empty when that script has not been run."""
+    out = []
+    for ct2 in res.get("ctranslate2_speed") or []:
+        rows = {(r["model"], r["engine"], r["weights"], r["beam"], r["batch_size"], r.get("lever")): r
+                for r in ct2["rows"]}
+        out += ["", "", f"Deployed with CTranslate2 (`benchmarks/results/{ct2.get('file', 'ct2_speed.json')}`, "
+                f"{ct2['date']}, {ct2['threads']} thread, batch 64, one student per row, each model alone; BLEU at "
+                "fairseq-generate's default limit; \"+vmap\": CTranslate2's vocabulary map):", "",
+                "| model | fairseq sents/s | CT2 float32 | CT2 int8 | CT2 int8 + vmap | × fairseq teacher beam 5 "
+                "(int8 / +vmap) | × CT2 int8 teacher beam 5 (int8 / +vmap) | BLEU fairseq → int8 / +vmap |",
+                "|---|---|---|---|---|---|---|---|"]
+        for model in dict.fromkeys(r["model"] for r in ct2["rows"]):
+            beam = 5 if model == "teacher" else 1
+            fs, f32, i8, vm = (rows.get((model, e, w, beam, 64, lever)) for e, w, lever in
+                               (("fairseq", "float32", None), ("ctranslate2", "float32", None),
+                                ("ctranslate2", "int8", None), ("ctranslate2", "int8", "vmap")))
+            if not (fs and f32 and i8):
+                continue
+
+            def pair(key, fmt="{:.1f}"):
+                return fmt.format(i8[key]) + (" / " + fmt.format(vm[key]) if vm else "")
+
+            vmap_speed = f"{vm['sents_per_sec']:.1f}" if vm else ""
+            out.append(f"| {model}{' (beam 5)' if beam == 5 else ''} | {fs['sents_per_sec']:.1f} | "
+                       f"{f32['sents_per_sec']:.1f} | {i8['sents_per_sec']:.1f} | {vmap_speed} | "
+                       f"{pair('x_fairseq_teacher_beam5')} | {pair('x_ct2_int8_teacher_beam5')} | "
+                       f"{fs['bleu']:.2f} → {pair('bleu', '{:.2f}')} |")
     return "\n".join(out)
 
 
