@@ -289,3 +289,38 @@ def test_bootstrap_pairs_different_seeds_when_no_seed_has_both(tmp_path):
     greedy = [b for b in collect.bootstrap(ctx, present) if b["decode"] == "greedy" and b["baseline"] == "word_kd"]
     assert [(b["system"], b["seed"]) for b in greedy] == [("word_kd_jsd", "1/3")]
     assert greedy[0]["bleu"] == 100.0 and greedy[0]["baseline_bleu"] < 100.0
+
+
+def test_only_the_architecture_ablation_changes_the_student():
+    archs = {m: spec.get("arch", methods.STUDENT) for m, spec in methods.ALL.items()}
+    assert {a for m, a in archs.items() if m in methods.METHODS} == {methods.STUDENT}
+    assert archs["word_kd_cache_deep_shallow"] == "transformer_student_deep_shallow"
+    common = methods.common_args(methods.TIERS["quick"], 1, archs["word_kd_cache_deep_shallow"])
+    assert common.count("--arch") == 1 and common[common.index("--arch") + 1] == "transformer_student_deep_shallow"
+
+
+def _ct2_row(model, engine, weights, beam, sps, bleu, lever=None, teacher_sps=(50.0, 200.0)):
+    row = dict(model=model, engine=engine, weights=weights, beam=beam, batch_size=64, sents_per_sec=sps, bleu=bleu,
+               x_fairseq_teacher_beam5=sps / teacher_sps[0], x_ct2_int8_teacher_beam5=sps / teacher_sps[1])
+    return dict(row, lever=lever) if lever else row
+
+
+def test_each_ct2_speed_run_gets_its_own_table_with_the_vmap_columns():
+    import tables
+
+    first = dict(file="ct2_speed.json", date="d1", threads=1, rows=[
+        _ct2_row("teacher", "fairseq", "float32", 5, 50.0, 39.0),
+        _ct2_row("teacher", "ctranslate2", "float32", 5, 100.0, 39.0),
+        _ct2_row("teacher", "ctranslate2", "int8", 5, 200.0, 39.1),
+        _ct2_row("a", "fairseq", "float32", 1, 250.0, 20.0),
+        _ct2_row("a", "ctranslate2", "float32", 1, 1000.0, 20.0),
+        _ct2_row("a", "ctranslate2", "int8", 1, 2000.0, 19.5),
+        _ct2_row("a", "ctranslate2", "int8", 1, 3000.0, 19.25, lever="vmap")])
+    second = dict(first, file="ct2_speed_arch.json", date="d2", rows=first["rows"][:6])
+    text = tables.ct2_table({"ctranslate2_speed": [first, second]})
+    assert text.count("| model | fairseq sents/s") == 2
+    assert "ct2_speed.json`, d1" in text and "ct2_speed_arch.json`, d2" in text
+    # int8 / +vmap: 2000/50 = 40, 3000/50 = 60; 2000/200 = 10, 3000/200 = 15
+    assert "| a | 250.0 | 1000.0 | 2000.0 | 3000.0 | 40.0 / 60.0 | 10.0 / 15.0 | 20.00 → 19.50 / 19.25 |" in text
+    assert "| a | 250.0 | 1000.0 | 2000.0 |  | 40.0 | 10.0 | 20.00 → 19.50 |" in text
+    assert tables.ct2_table({"ctranslate2_speed": []}) == ""
