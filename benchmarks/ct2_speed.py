@@ -7,9 +7,11 @@ Speed is the decoders' own timers (fairseq-generate's "Translated ..." line, CTr
 ``ExecutionStats``), best of ``--repeats``; BLEU is sacreBLEU on detokenized output against the raw
 references, every decode at fairseq-generate's default limit of 200 target pieces.
 
-Levers, each alone on an int8 greedy batch-64 decode: a vocabulary map built from the training pairs
-(``imitkd-vmap``, ``--use-vmap``) on every student, and batches in file order instead of sorted by
-length (``--read-batch-size 64``) on the first.
+Levers on each student's int8 greedy batch-64 decode: a vocabulary map built from the training pairs
+(``imitkd-vmap``, ``--use-vmap``); a length limit of 64 pieces (``--max-len 64``: no Multi30k training
+target is longer than 48) instead of 200, which cuts a student's runaway repetitions short; both
+together; and, on the first student, batches in file order instead of sorted by length
+(``--read-batch-size 64``).
 
     OMP_NUM_THREADS=1 python benchmarks/ct2_speed.py --students word_kd=PATH,imitkd_token=PATH
 """
@@ -136,11 +138,13 @@ def main(argv=None):
             for beam, batch in ([(5, 64)] if teacher else [(1, 64), (1, 1)]):
                 rows.append(dict(model=name, weights=quantization,
                                  **ct2_decode(args, f"{name}.{quantization}", model_dir, beam, batch)))
-            if not teacher and quantization == "int8":  # the vmap on every student, file order on the first
-                levers = [("vmap", ["--use-vmap"])] + ([("file order", ["--read-batch-size", "64"])] if i == 1 else [])
+            if not teacher and quantization == "int8":  # file order on the first student only
+                levers = [("vmap", ["--use-vmap"]), ("max len 64", ["--max-len", "64"]),
+                          ("vmap + max len 64", ["--use-vmap", "--max-len", "64"])]
+                levers += [("file order", ["--read-batch-size", "64"])] if i == 1 else []
                 for lever, extra in levers:
                     rows.append(dict(model=name, weights=quantization, lever=lever, **ct2_decode(
-                        args, f"{name}.{quantization}.{lever.replace(' ', '_')}", model_dir, 1, 64, extra)))
+                        args, f"{name}.{quantization}.{lever.replace(' + ', '_').replace(' ', '_')}", model_dir, 1, 64, extra)))
     add_ratios(rows)
     result = dict(date=time.strftime("%Y-%m-%d"), threads=args.threads, repeats=args.repeats,
                   cpu=evaluate.cpu_name(), ctranslate2=__import__("ctranslate2").__version__,
