@@ -28,7 +28,6 @@ import data  # noqa: E402  (benchmarks/multi30k)
 import evaluate  # noqa: E402
 
 import fairseq_imitkd_translate  # noqa: E402
-import fairseq_imitkd_vmap  # noqa: E402
 from fairseq_imitkd.export import export  # noqa: E402
 
 USER_DIR = os.path.join(os.path.dirname(HERE), "fairseq_imitkd")
@@ -78,16 +77,6 @@ def ct2_decode(args, name, model_dir, beam, batch_size, extra=()):
                 bleu=evaluate.bleu(out, ref)["bleu"])
 
 
-def build_vmap(args) -> str:
-    """The vocabulary map of the training pairs (sentencepiece pieces, as the benchmark prepared them)."""
-    path = os.path.join(args.scratch, "train.vmap")
-    spm_dir = os.path.join(args.work, "spm")
-    fairseq_imitkd_vmap.main(["--source", os.path.join(spm_dir, "train.de"), "--target",
-                              os.path.join(spm_dir, "train.en"), "-o", path,
-                              "--per-source", str(args.vmap_per_source), "--common", str(args.vmap_common)])
-    return path
-
-
 def add_ratios(rows) -> None:
     """Each row's sentences/s against the two teacher baselines, and each CTranslate2 student's BLEU
     against the same student decoded by fairseq."""
@@ -126,7 +115,7 @@ def main(argv=None):
     spm = os.path.join(args.teacher_dir, "spm.model")
     models = [("teacher", os.path.join(args.teacher_dir, "checkpoint.pt"), args.teacher_dir)]
     models += [(n, p, os.path.join(args.work, "bin")) for n, p in (kv.split("=", 1) for kv in args.students.split(","))]
-    vmap = build_vmap(args)
+    vmap = data.train_vmap(args.work, args.vmap_per_source, args.vmap_common)
     rows = []
     for i, (name, checkpoint, dicts) in enumerate(models):
         teacher = name == "teacher"

@@ -30,7 +30,6 @@ def parse_args(argv=None):
     p.add_argument("--work", default=os.path.join(HERE, "multi30k", "work"),
                    help="benchmarks/multi30k's work directory (bin/, seqkd/, seqkd_ct2/)")
     p.add_argument("--teacher-dir", default=data.DEFAULT_TEACHER_DIR)
-    p.add_argument("--text-dir", default=data.DEFAULT_TEXT_DIR, help="Multi30k raw text (for the slice's vmap)")
     p.add_argument("--slice", type=int, default=15, help="time both engines on the first 1/N of train (0: skip)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(HERE, "results", "seqkd_engines.json"))
@@ -66,7 +65,7 @@ def agreement(work: str, teacher_dir: str) -> dict:
     )
 
 
-def time_slice(work: str, teacher_dir: str, text_dir: str, n: int, threads: int) -> dict:
+def time_slice(work: str, teacher_dir: str, n: int, threads: int) -> dict:
     """Each engine setting decodes the same first 1/n of train, one after the other; CTranslate2's
     targets are also compared with fairseq's (share of identical sentences)."""
     import numpy as np
@@ -76,10 +75,7 @@ def time_slice(work: str, teacher_dir: str, text_dir: str, n: int, threads: int)
     out, targets = {}, {}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     with tempfile.TemporaryDirectory() as tmp:
-        vmap = os.path.join(tmp, "train.vmap")  # imitkd-vmap's defaults, from the training pairs
-        subprocess.run([sys.executable, "-m", "fairseq_imitkd_vmap", "--source", os.path.join(text_dir, "train.de"),
-                        "--target", os.path.join(text_dir, "train.en"), "--spm", os.path.join(teacher_dir, "spm.model"),
-                        "-o", vmap], check=True, capture_output=True)
+        vmap = data.train_vmap(work)  # imitkd-vmap's defaults, from the training pairs
         settings = {"fairseq": ["--engine", "fairseq"], "ctranslate2": ["--engine", "ctranslate2"],
                     "ctranslate2_vmap": ["--engine", "ctranslate2", "--ct2-vmap", vmap]}
         for name, extra in settings.items():
@@ -109,8 +105,8 @@ def main(argv=None):
     if os.path.isfile(os.path.join(args.work, "seqkd_ct2", "seqkd_stats.json")):
         result["whole_train"] = agreement(args.work, args.teacher_dir)
     if args.slice:
-        result["slice"] = dict(fraction=f"1/{args.slice}", **time_slice(args.work, args.teacher_dir, args.text_dir,
-                                                                           args.slice, args.threads))
+        result["slice"] = dict(fraction=f"1/{args.slice}", **time_slice(args.work, args.teacher_dir, args.slice,
+                                                                           args.threads))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -85,7 +85,7 @@ def _hypothesis(ctx, method: str, seed: int, decode: str, scratch_dir: str) -> O
 
 def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
     """Paired bootstrap of every method against scratch, of every ImitKD variant against word_kd and
-    against seqkd, of word_kd's other divergences against word_kd, and of seqkd_ct2 against seqkd; each
+    against seqkd, of word_kd's other divergences against word_kd, and of seqkd_ct2(_vmap) against seqkd; each
     pair on the test outputs of the lowest seed that both have, or, where no seed has both, of each
     one's lowest seed with outputs (its ``seed`` is then "system's/baseline's")."""
     import tempfile
@@ -94,7 +94,7 @@ def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
     pairs = [("scratch", m) for m in present if m != "scratch"]
     pairs += [(base, m) for base in ("word_kd", "seqkd") for m in present if m.startswith("imitkd")]
     pairs += [("word_kd", m) for m in present if m.startswith("word_kd_")]  # each divergence against forward KL
-    pairs += [("seqkd", m) for m in present if m == "seqkd_ct2"]  # the same corpus, decoded by CTranslate2
+    pairs += [("seqkd", m) for m in present if m in ("seqkd_ct2", "seqkd_ct2_vmap")]  # the corpus, by CTranslate2
     out = []
     with tempfile.TemporaryDirectory() as scratch_dir:
         for decode, name in BOOTSTRAP_DECODES:

@@ -51,6 +51,8 @@ ABLATIONS: Dict[str, dict] = {
                                label="ImitKD+Full, beta = 1 for the first 40% of updates, then 200^(-t/N)"),
     "seqkd_ct2": dict(cost=1.2, data="seqkd_ct2", kd=False,
                       label="Seq-KD on the corpus CTranslate2 decoded (imitkd-seqkd --engine ctranslate2, int8)"),
+    "seqkd_ct2_vmap": dict(cost=1.2, data="seqkd_ct2_vmap", kd=False,
+                           label="Seq-KD on the corpus CTranslate2 decoded with a vocabulary map (--ct2-vmap)"),
     # the deployment-speed architecture lever: depth moved to the encoder at d=256 (6+1), against the 3+1 d=128
     # student of every other row, trained as word_kd_cache
     "word_kd_cache_deep_shallow": dict(cost=4.0, data="gold", kd=True, cache=32,
@@ -88,6 +90,7 @@ _METHOD_ARGS = {
     "seqkd_word_kd": _WORD_KD,
     "seqinter": _CE,
     "seqkd_ct2": _CE,
+    "seqkd_ct2_vmap": _CE,
     "imitkd": _IMITKD + _ARGMAX_TOPK,
     "imitkd_full": _IMITKD + _FULL_GREEDY,
     "imitkd_star": _imitkd("2") + _ARGMAX_TOPK,  # the paper's ImitKD* base (WMT): half the rows stay on Seq-KD
