@@ -58,6 +58,11 @@ ABLATIONS: Dict[str, dict] = {
     "word_kd_cache_deep_shallow": dict(cost=4.0, data="gold", kd=True, cache=32,
                                        arch="transformer_student_deep_shallow",
                                        label="Word-KD from the teacher cache, 6+1 d=256 deep-shallow student"),
+    # ... pre-norm: the post-norm 6-layer encoder stalled at this budget's learning rate
+    "word_kd_cache_deep_shallow_prenorm": dict(cost=4.0, data="gold", kd=True, cache=32,
+                                               arch="transformer_student_deep_shallow",
+                                               label="Word-KD from the teacher cache, 6+1 d=256 deep-shallow "
+                                                     "student, pre-norm"),
 }
 ALL = {**METHODS, **ABLATIONS}
 
@@ -103,6 +108,7 @@ _METHOD_ARGS = {
     "word_kd_atkd": _WORD_KD + ["--kd-divergence", "atkd", "--kd-atkd-alpha", "0.2"],
     "word_kd_cache": _WORD_KD,  # + --kd-teacher-cache DIR (method_args)
     "word_kd_cache_deep_shallow": _WORD_KD,
+    "word_kd_cache_deep_shallow_prenorm": _WORD_KD + ["--encoder-normalize-before", "--decoder-normalize-before"],
     "imitkd_full_jsd": _ADAPTIVE + _FULL_GREEDY + ["--kd-divergence", "jsd", "--kd-jsd-beta", "0.5"],
     "imitkd_full_atkd": _ADAPTIVE + _FULL_GREEDY + ["--kd-divergence", "atkd", "--kd-atkd-alpha", "0.2"],
     "imitkd_full_base10": _imitkd("10") + _FULL_GREEDY,
