@@ -80,13 +80,13 @@ CORPORA = {
     # the Seq-KD corpus decoded by CTranslate2 (int8 on CPU): does a student trained on it score the same?
     "seqkd_ct2": ["--engine", "ctranslate2"],
     # ... with CTranslate2's vocabulary map over the training pairs (imitkd-vmap's defaults): faster, further off
-    "seqkd_ct2_vmap": ["--engine", "ctranslate2", "--ct2-vmap", "{work}/train.vmap"],
+    "seqkd_ct2_vmap": ["--engine", "ctranslate2", "--ct2-vmap", "{vmap}"],
 }
 
 
 def train_vmap(work: str, per_source: int = 20, common: int = 100) -> str:
     """imitkd-vmap over the prepared training pairs (which hold sentencepiece pieces), built once per setting."""
-    path = os.path.join(work, "train.vmap" if (per_source, common) == (20, 100) else f"train.s{per_source}.c{common}.vmap")
+    path = os.path.join(work, f"train.s{per_source}.c{common}.vmap")
     if not os.path.isfile(path):
         spm_dir = os.path.join(work, "spm")
         run_logged([sys.executable, "-m", "fairseq_imitkd_vmap", "--source", os.path.join(spm_dir, f"train.{SRC}"),
@@ -102,9 +102,9 @@ def build_corpus(name: str, bin_dir: str, teacher_dir: str, work: str, log_dir: 
     out = os.path.join(work, name)
     if os.path.isfile(os.path.join(out, "seqkd_stats.json")):
         return out
-    options = [o.format(work=work) for o in CORPORA[name]]
-    if "--ct2-vmap" in options:
-        train_vmap(work)
+    options = CORPORA[name]
+    if "{vmap}" in options:
+        options = [train_vmap(work) if o == "{vmap}" else o for o in options]
     run_logged([sys.executable, "-m", "fairseq_imitkd.seqkd", bin_dir, "-o", out,
                 "--teacher-path", os.path.join(teacher_dir, "checkpoint.pt"), "--teacher-data", teacher_dir,
                 "--split", "train", "--beam", "5", "--max-tokens", "8000", "--num-shards", "4",
