@@ -291,6 +291,24 @@ def test_bootstrap_pairs_different_seeds_when_no_seed_has_both(tmp_path):
     assert greedy[0]["bleu"] == 100.0 and greedy[0]["baseline_bleu"] < 100.0
 
 
+def test_bootstrap_pairs_a_corpus_ablation_with_seqkd_on_every_common_seed(tmp_path):
+    import collect
+
+    ctx, refs, worse = _bootstrap_context(tmp_path)
+    for seed in (1, 2):
+        _finished_run(ctx, "seqkd", seed, 1.0, worse)
+        _finished_run(ctx, "seqkd_ct2", seed, 2.0, refs)
+        _finished_run(ctx, "imitkd", seed, 2.0, refs)
+    got = collect.collect(ctx)
+    assert "seqkd_ct2" in got["ablations"] and "seqkd_ct2" not in got["methods"]
+    greedy = [(b["baseline"], b["system"], b["seed"]) for b in collect.bootstrap(ctx, got["methods"], got["ablations"])
+              if b["decode"] == "greedy" and b["baseline"] == "seqkd"]
+    # the ablation on both seeds, the method on its lowest common seed only
+    assert sorted(greedy) == [("seqkd", "imitkd", 1), ("seqkd", "seqkd_ct2", 1), ("seqkd", "seqkd_ct2", 2)]
+    # without the ablations passed in, no corpus pair
+    assert all(b["system"] != "seqkd_ct2" for b in collect.bootstrap(ctx, got["methods"]))
+
+
 def test_only_the_architecture_ablation_changes_the_student():
     archs = {m: spec.get("arch", methods.STUDENT) for m, spec in methods.ALL.items()}
     assert {a for m, a in archs.items() if m in methods.METHODS} == {methods.STUDENT}

@@ -83,18 +83,25 @@ def _hypothesis(ctx, method: str, seed: int, decode: str, scratch_dir: str) -> O
     return path if os.path.exists(path) else ctx.archive.hypothesis(method, seed, decode, scratch_dir)
 
 
-def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
+CORPUS_ABLATIONS = ("seqkd_ct2", "seqkd_ct2_vmap")  # seqkd on a corpus CTranslate2 decoded: judged against seqkd
+
+
+def bootstrap(ctx, present: Dict[str, dict], ablations: Optional[Dict[str, dict]] = None) -> List[dict]:
     """Paired bootstrap of every method against scratch, of every ImitKD variant against word_kd and
-    against seqkd, of word_kd's other divergences against word_kd, and of seqkd_ct2(_vmap) against seqkd; each
-    pair on the test outputs of the lowest seed that both have, or, where no seed has both, of each
-    one's lowest seed with outputs (its ``seed`` is then "system's/baseline's")."""
+    against seqkd, of word_kd's other divergences against word_kd, and of the CTranslate2 corpora's
+    students (ablations) against seqkd; each pair on the test outputs of a seed both have, or, where
+    none has both, of each one's lowest seed with outputs (its ``seed`` is then "system's/baseline's"). A method is paired on
+    its lowest common seed; a corpus ablation on every common seed, since the question it answers (is
+    the corpus's student within seed noise?) needs each."""
     import tempfile
 
     ref = os.path.join(ctx.args.text_dir, "test_2016_flickr.en")
     pairs = [("scratch", m) for m in present if m != "scratch"]
     pairs += [(base, m) for base in ("word_kd", "seqkd") for m in present if m.startswith("imitkd")]
     pairs += [("word_kd", m) for m in present if m.startswith("word_kd_")]  # each divergence against forward KL
-    pairs += [("seqkd", m) for m in present if m in ("seqkd_ct2", "seqkd_ct2_vmap")]  # the corpus, by CTranslate2
+    corpus = {m: r for m, r in (ablations or {}).items() if m in CORPUS_ABLATIONS}
+    pairs += [("seqkd", m) for m in corpus]
+    present = {**present, **corpus}
     out = []
     with tempfile.TemporaryDirectory() as scratch_dir:
         for decode, name in BOOTSTRAP_DECODES:
@@ -110,12 +117,15 @@ def bootstrap(ctx, present: Dict[str, dict]) -> List[dict]:
                 for b, m in pairs:
                     if b != base or base not in present:
                         continue
+                    paired = False
                     for seed in sorted(set(present[base]["seeds"]) & set(present[m]["seeds"])):
                         hyp = _hypothesis(ctx, m, seed, name, scratch_dir)
                         if base_hyp(seed) and hyp:
                             by_seed.setdefault(seed, {})[m] = hyp
-                            break
-                    else:
+                            paired = True
+                            if m not in corpus:  # a method: its lowest common seed is enough
+                                break
+                    if not paired:
                         own = next(((s, h) for s in present[m]["seeds"]
                                     if (h := _hypothesis(ctx, m, s, name, scratch_dir))), None)
                         theirs = next(((s, h) for s in present[base]["seeds"] if (h := base_hyp(s))), None)

@@ -31,7 +31,7 @@ def write(ctx, ledger: List[dict]) -> str:
         ablations=got["ablations"],
         # one architecture for every method: the median over methods is its speed, less noisy than any one run
         student_sents_per_sec_median=collect.median([r["student_sents_per_sec"] for r in present.values()]),
-        paired_bootstrap=collect.bootstrap(ctx, present) if present else [],
+        paired_bootstrap=collect.bootstrap(ctx, present, got["ablations"]) if present else [],
         ctranslate2_speed=collect.ct2_speed() if ctx.args.tier == "quick" else None,
         setup=dict(student=methods.STUDENT, tier=ctx.tier, jobs=ctx.args.jobs or
                    (1 if ctx.args.gpu else 2), threads_per_process=ctx.args.threads,

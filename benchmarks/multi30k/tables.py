@@ -163,7 +163,7 @@ def markdown(res: dict, png: str) -> str:
                          f"| {_bleu_cell(r, 'val_bleu_selection')} |")
         lines.append("")
     if res["paired_bootstrap"]:
-        lines += ["## Paired bootstrap (sacreBLEU `--paired-bs`, 1,000 resamples, the lowest seed both have)", "",
+        lines += ["## Paired bootstrap (sacreBLEU `--paired-bs`, 1,000 resamples, the lowest seed both have; every such seed for the corpus ablations)", "",
                   "Seed `a/b`: no seed has outputs of both, so the system's seed a is paired with the baseline's "
                   "seed b (the same test sentences, two seeds).", "",
                   "| decode | baseline | system | seed | baseline BLEU | system BLEU | 95% CI ± | p |",
