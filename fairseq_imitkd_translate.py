@@ -73,8 +73,13 @@ def translate(args: argparse.Namespace) -> dict:
         sp = sentencepiece.SentencePieceProcessor(model_file=spm_path)
         tokenize = lambda line: sp.encode(line, out_type=str)  # noqa: E731
         detokenize = sp.decode  # noqa: E731
-    translator = ctranslate2.Translator(args.model, device=args.device, compute_type=args.compute_type,
-                                        inter_threads=1, intra_threads=args.threads)
+    try:
+        translator = ctranslate2.Translator(args.model, device=args.device, compute_type=args.compute_type,
+                                            inter_threads=1, intra_threads=args.threads)
+    except (ValueError, RuntimeError) as e:  # an unknown device or compute type, a type this CPU lacks
+        reason = " ".join(str(e).split())
+        raise SystemExit(f"imitkd-translate: cannot load {args.model} on {args.device} with --compute-type "
+                         f"{args.compute_type}: {reason}") from None
     stats = translator.translate_file(
         args.input, args.output, max_batch_size=args.batch_size, beam_size=args.beam,
         max_decoding_length=args.max_len, use_vmap=args.use_vmap, read_batch_size=args.read_batch_size,

@@ -14,7 +14,9 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import List, Optional
+from typing import List, Optional, Tuple
+
+import numpy as np
 
 from .checkpoint_loading import config_value, read_fairseq_checkpoint
 from .errors import ImitKDError
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 USER_DIR = os.path.dirname(os.path.abspath(__file__))
 #: CTranslate2's weight types: float32 and int8 for CPUs, int8_float16 / float16 for GPUs
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16")
+#: the CPU int8 types, the only ones a narrower weight range is for
+CPU_INT8 = ("int8", "int8_float32")
 MANIFEST = "imitkd_export.json"
 SPM_NAME = "spm.model"
 
@@ -75,9 +79,61 @@ def resolve_data(state: dict, checkpoint: str, data: Optional[str]) -> tuple:
     return data, src, tgt
 
 
+def quantize_rows(weight: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row integer weights, CTranslate2's int8 scheme with ``2**(bits-1) - 1`` in place of 127:
+    ``weight ≈ q / scale[:, None]``. With 7 bits, an activation shifted to uint8 times a weight, summed in
+    pairs, stays within int16 (2·255·63 < 32768): AVX2 int8 kernels without VNNI (oneDNN's u8s8, which
+    CTranslate2 uses on non-Intel CPUs) saturate there with 8-bit weights and change a small student's
+    outputs."""
+    qmax = 2 ** (bits - 1) - 1
+    w = np.asarray(weight, dtype=np.float32)
+    amax = np.abs(w).max(axis=1)
+    amax[amax == 0] = qmax  # an all-zero row: any scale will do
+    scale = (qmax / amax).astype(np.float32)
+    q = np.clip(np.rint(w * scale[:, None]), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+def quantize_spec(spec, bits: int) -> int:
+    """Quantize every weight of a CTranslate2 model spec that CTranslate2 would quantize (those with a
+    ``<name>_scale`` companion) with :func:`quantize_rows`; return how many."""
+    from ctranslate2.specs import model_spec
+
+    done = []
+
+    def visit(layer, name, value):
+        key = name.split("/")[-1]
+        if not hasattr(layer, key + "_scale") or not isinstance(value, model_spec.Variable) or value.is_scalar():
+            return
+        q, scale = quantize_rows(value.to("float32").numpy(), bits)
+        setattr(layer, key, model_spec.NumpyVariable(q))
+        setattr(layer, key + "_scale", model_spec.NumpyVariable(scale))
+        done.append(name)
+    model_spec.visit_spec(spec, visit)
+    return len(done)
+
+
+def _converter(ctranslate2, int8_weight_bits: int):
+    """CTranslate2's fairseq converter, or, for narrower int8 weights, one whose spec comes quantized
+    (``_load`` is the hook CTranslate2's converters are written against)."""
+    if int8_weight_bits == 8:
+        return ctranslate2.converters.FairseqConverter
+
+    class NarrowInt8FairseqConverter(ctranslate2.converters.FairseqConverter):
+        def _load(self):
+            spec = super()._load()
+            if spec is None:
+                return None
+            spec.validate()  # wraps the raw arrays as CTranslate2 variables (convert validates again)
+            if quantize_spec(spec, int8_weight_bits) == 0:
+                raise ValueError("the model has no weight CTranslate2 quantizes")
+            return spec
+    return NarrowInt8FairseqConverter
+
+
 def export(checkpoint: str, out: str, data: Optional[str] = None, quantization: str = "int8",
            spm: Optional[str] = None, source_lang: Optional[str] = None, target_lang: Optional[str] = None,
-           force: bool = False, vmap: Optional[str] = None) -> str:
+           force: bool = False, vmap: Optional[str] = None, int8_weight_bits: int = 8) -> str:
     """Convert ``checkpoint`` into the CTranslate2 model directory ``out``; return ``out``."""
     try:
         import ctranslate2
@@ -85,6 +141,11 @@ def export(checkpoint: str, out: str, data: Optional[str] = None, quantization: 
         raise ExportError("CTranslate2 is not installed: pip install ctranslate2 (or fairseq-imitkd[ct2])") from e
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"--quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+    if int8_weight_bits not in (7, 8):
+        raise ExportError(f"--int8-weight-bits {int8_weight_bits} must be 8 (CTranslate2's own) or 7")
+    if int8_weight_bits != 8 and quantization not in CPU_INT8:
+        raise ExportError(f"--int8-weight-bits {int8_weight_bits} is for CPU int8 ({', '.join(CPU_INT8)}), "
+                          f"not --quantization {quantization}")
     if spm is not None and not os.path.isfile(spm):
         raise ExportError(f"--spm {spm} does not exist")
     if vmap is not None and not os.path.isfile(vmap):
@@ -100,10 +161,12 @@ def export(checkpoint: str, out: str, data: Optional[str] = None, quantization: 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".imitkd-export-", dir=parent)
     try:
-        converter = ctranslate2.converters.FairseqConverter(checkpoint, data, source_lang=src, target_lang=tgt,
-                                                            user_dir=USER_DIR)
+        converter = _converter(ctranslate2, int8_weight_bits)(checkpoint, data, source_lang=src, target_lang=tgt,
+                                                              user_dir=USER_DIR)
         try:
-            converter.convert(tmp, vmap=vmap, quantization=quantization, force=True)  # vmap: as vmap.txt
+            # vmap: as vmap.txt; weights quantized already are left as they are (quantization None)
+            converter.convert(tmp, vmap=vmap, quantization=quantization if int8_weight_bits == 8 else None,
+                              force=True)
         except (ValueError, NotImplementedError, KeyError, AttributeError) as e:
             reason = " ".join(str(e).split())
             raise ExportError(f"CTranslate2's fairseq converter cannot convert {checkpoint}: {reason}") from e
@@ -112,6 +175,7 @@ def export(checkpoint: str, out: str, data: Optional[str] = None, quantization: 
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data),
                        "source_lang": src, "target_lang": tgt, "quantization": quantization,
+                       "int8_weight_bits": int8_weight_bits if quantization.startswith("int8") else None,
                        "spm": SPM_NAME if spm is not None else None, "vmap": os.path.abspath(vmap) if vmap else None,
                        "ctranslate2": ctranslate2.__version__}, f, indent=1)
         if os.path.exists(out):
@@ -134,6 +198,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "(default: the data directory recorded in the checkpoint)")
     p.add_argument("--quantization", default="int8", choices=QUANTIZATIONS,
                    help="weight type: float32 or int8 on CPUs, int8_float16 on GPUs (default: int8)")
+    p.add_argument("--int8-weight-bits", type=int, default=8, choices=(8, 7),
+                   help="7 keeps CPU int8 weights within ±63, so that x86 CPUs without AVX-512 VNNI (AMD before "
+                   "Zen 4), where CTranslate2's int8 kernels saturate with 8-bit weights, stay close to float32 (default: 8)")
     p.add_argument("--spm", help="a sentencepiece model to copy beside the weights, for imitkd-translate")
     p.add_argument("--vmap", help="a vocabulary map written by imitkd-vmap, for imitkd-translate --use-vmap")
     p.add_argument("--source-lang", help="default: the checkpoint's")
@@ -149,10 +216,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         out = export(args.checkpoint, args.output_dir, data=args.data, quantization=args.quantization,
                      spm=args.spm, source_lang=args.source_lang, target_lang=args.target_lang, force=args.force,
-                     vmap=args.vmap)
+                     vmap=args.vmap, int8_weight_bits=args.int8_weight_bits)
     except ImitKDError as e:
         raise SystemExit(f"imitkd-export: {e}") from None
-    logger.info("wrote %s (%s)", out, args.quantization)
+    bits = f", {args.int8_weight_bits}-bit weights" if args.quantization.startswith("int8") else ""
+    logger.info("wrote %s (%s%s)", out, args.quantization, bits)
 
 
 if __name__ == "__main__":

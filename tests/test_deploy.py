@@ -1,6 +1,7 @@
 """Deployment: ``imitkd-export`` turns a student into a CTranslate2 model, ``imitkd-translate`` translates
 a file with it, and the output is fairseq-generate's. Run as users run them: console scripts in
 subprocesses, on the word_kd student (whose teacher file is gone)."""
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +77,68 @@ def test_an_int8_export_is_smaller_and_well_formed(word_kd_student, test_split, 
     assert ratio < 0.8, ratio
     vocabulary = {line.split()[0] for line in (toy_data / "dict.tgt.txt").read_text().splitlines()}
     assert len(out) == len(fairseq_out) and all(set(line.split()) <= vocabulary for line in out)
+
+
+def test_quantize_rows_is_symmetric_per_row_at_the_given_width():
+    import numpy as np
+    from fairseq_imitkd.export import quantize_rows
+
+    w = np.array([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [2.0, 1.0, -0.5]], dtype=np.float32)
+    q, scale = quantize_rows(w, 7)
+    # each row's largest magnitude goes to ±63; 31.5 rounds half to even
+    assert q.tolist() == [[32, -63, 16], [0, 0, 0], [63, 32, -16]]
+    assert scale.tolist() == [63.0, 1.0, 31.5]
+    q8, scale8 = quantize_rows(w, 8)  # CTranslate2's own int8: ±127
+    assert q8[0].tolist() == [64, -127, 32] and scale8[0] == 127.0
+    assert np.abs(q / scale[:, None] - w).max() <= 0.5 / scale.min()
+
+
+def test_a_7_bit_int8_export_keeps_every_weight_within_63(word_kd_student, test_split, tmp_path):
+    """Every weight CTranslate2 would quantize is int8 in [-63, 63] with a scale that gives the float
+    weights back to within half a step; the export translates and records its width."""
+    import ctranslate2
+    import numpy as np
+    from ctranslate2.specs import model_spec
+    from fairseq_imitkd import export
+
+    checkpoint = word_kd_student / "checkpoint_best.pt"
+    data, src, tgt = export.resolve_data(torch.load(checkpoint, weights_only=False), str(checkpoint), None)
+    spec = export._converter(ctranslate2, 7)(str(checkpoint), data, source_lang=src, target_lang=tgt,
+                                             user_dir=export.USER_DIR)._load()
+    reference = ctranslate2.converters.FairseqConverter(str(checkpoint), data, source_lang=src, target_lang=tgt,
+                                                        user_dir=export.USER_DIR)._load()
+    reference.validate()
+    floats = {}
+    model_spec.visit_spec(reference, lambda layer, name, value: floats.__setitem__(name, value))
+    checked = []
+
+    def check(layer, name, value):
+        key = name.split("/")[-1]
+        if hasattr(layer, key + "_scale") and not key.endswith("_scale") and not value.is_scalar():
+            q, scale = value.numpy(), getattr(layer, key + "_scale").numpy()
+            assert q.dtype == np.int8 and np.abs(q).max() == 63, name
+            assert np.abs(q / scale[:, None] - floats[name].to("float32").numpy()).max() <= 0.5 / scale.min() + 1e-6
+            checked.append(name)
+    model_spec.visit_spec(spec, check)
+    assert len(checked) >= 8, checked  # encoder and decoder linears, embeddings
+
+    source, fairseq_out = test_split
+    model = tmp_path / "int8_7bit"
+    proc = _export(checkpoint, "-o", model, "--int8-weight-bits", "7")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((model / "imitkd_export.json").read_text())["int8_weight_bits"] == 7
+    proc = _translate(model, "-i", source, "-o", tmp_path / "out.txt", "--beam", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((tmp_path / "out.txt").read_text().splitlines()) == len(fairseq_out)
+    msg = _one_line_error(_translate(model, "-i", source, "-o", tmp_path / "bad.txt", "--compute-type", "bogus"),
+                          "imitkd-translate")
+    assert "cannot load" in msg and "--compute-type bogus" in msg, msg
+
+    # narrower weights are for CPU int8 only: anything else is refused before a file is written
+    msg = _one_line_error(_export(checkpoint, "-o", tmp_path / "f32", "--quantization", "float32",
+                                  "--int8-weight-bits", "7"), "imitkd-export")
+    assert "--int8-weight-bits 7 is for CPU int8" in msg and "float32" in msg, msg
+    assert not (tmp_path / "f32").exists()
 
 
 def test_export_copies_the_sentencepiece_model_and_translate_uses_it(word_kd_student, tmp_path):
