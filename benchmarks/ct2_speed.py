@@ -5,13 +5,15 @@ greedy, batch 64) and CTranslate2 exports made with ``imitkd-export`` (float32 a
 students greedy at batch 64 and 1), all on test_2016_flickr, one model at a time, a fixed thread count.
 Speed is the decoders' own timers (fairseq-generate's "Translated ..." line, CTranslate2's
 ``ExecutionStats``), best of ``--repeats``; BLEU is sacreBLEU on detokenized output against the raw
-references, every decode at fairseq-generate's default limit of 200 target pieces.
+references, every decode at fairseq-generate's default limit of 200 target pieces unless a lever says 64.
 
 Levers on each student's int8 greedy batch-64 decode: a vocabulary map built from the training pairs
 (``imitkd-vmap``, ``--use-vmap``); a length limit of 64 pieces (``--max-len 64``: no Multi30k training
-target is longer than 48) instead of 200, which cuts a student's runaway repetitions short; both
-together; and, on the first student, batches in file order instead of sorted by length
-(``--read-batch-size 64``).
+target is longer than 48) instead of 200, which cuts a student's runaway repetitions short (fairseq is
+decoded at that limit too, so that ΔBLEU compares the engines, not the limits); both together; on the
+first student, batches in file order instead of sorted by length (``--read-batch-size 64``); and int8
+weights kept within ±63 (``imitkd-export --int8-weight-bits 7``), alone and with vmap and the limit,
+which is how a user on a CPU without AVX-512 VNNI would deploy (the teacher gets a 7-bit beam-5 row).
 
     OMP_NUM_THREADS=1 python benchmarks/ct2_speed.py --students word_kd=PATH,imitkd_token=PATH
 """
@@ -48,14 +50,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def fairseq_decode(args, name, checkpoint, beam):
-    prefix = os.path.join(args.scratch, f"{name}.fairseq.beam{beam}")
+SHORT = 64  # the length lever's limit: no Multi30k training target is longer than 48 pieces
+
+
+def fairseq_decode(args, name, checkpoint, beam, max_len=evaluate.DEFAULT_MAX_LEN):
+    prefix = os.path.join(args.scratch, f"{name}.fairseq.beam{beam}" + ("" if max_len[1] == 200 else f".len{max_len[1]}"))
     best = None
     for _ in range(args.repeats):
         run = evaluate.generate(os.path.join(args.work, "bin"), checkpoint, "test", prefix, beam=beam, batch_size=64,
                                 user_dir=USER_DIR, device_args=["--cpu"],
-                                env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)),
-                                max_len=evaluate.DEFAULT_MAX_LEN)
+                                env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)), max_len=max_len)
         best = run if best is None or run["sents_per_sec"] > best["sents_per_sec"] else best
     ref = os.path.join(args.text_dir, "test_2016_flickr.en")
     return dict(engine="fairseq", beam=beam, batch_size=64, sents_per_sec=best["sents_per_sec"],
@@ -88,14 +92,17 @@ def add_ratios(rows) -> None:
     for r in rows:
         r["x_fairseq_teacher_beam5"] = round(r["sents_per_sec"] / fs_teacher["sents_per_sec"], 2)
         r["x_ct2_int8_teacher_beam5"] = round(r["sents_per_sec"] / ct2_teacher["sents_per_sec"], 2)
-        same = find(r["model"], "fairseq", "float32", r["beam"])
+        # fairseq at the same length limit: a limit cuts runaway outputs short in either engine
+        short = f"max len {SHORT}" in (r.get("lever") or "")
+        same = find(r["model"], "fairseq", "float32", r["beam"], lever=f"max len {SHORT}" if short else None)
         if r["engine"] == "ctranslate2" and same is not None:
             r["bleu_minus_fairseq"] = round(r["bleu"] - same["bleu"], 2)
 
 
 def markdown(result) -> str:
     lines = [f"CPU ({result['cpu']}), {result['threads']} thread(s), test_2016_flickr (1,000 sentences), best of "
-             f"{result['repeats']}, CTranslate2 {result['ctranslate2']}; every decode at 200 target pieces at most.", "",
+             f"{result['repeats']}, CTranslate2 {result['ctranslate2']}; every decode at 200 target pieces at most but where "
+             f"the lever says {SHORT}. ΔBLEU: against the same student in fairseq at the same limit.", "",
              "| model | engine | weights | beam | batch | lever | sent/s | tok/s | BLEU | ΔBLEU vs fairseq | "
              "× fairseq teacher b5 | × CT2 int8 teacher b5 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -121,19 +128,28 @@ def main(argv=None):
         teacher = name == "teacher"
         for beam in ([5, 1] if teacher else [1]):
             rows.append(dict(model=name, weights="float32", **fairseq_decode(args, name, checkpoint, beam)))
-        for quantization in ("float32", "int8"):
-            model_dir = os.path.join(args.scratch, f"{name}.{quantization}")
-            export(checkpoint, model_dir, data=dicts, quantization=quantization, spm=spm, force=True, vmap=vmap)
-            for beam, batch in ([(5, 64)] if teacher else [(1, 64), (1, 1)]):
-                rows.append(dict(model=name, weights=quantization,
-                                 **ct2_decode(args, f"{name}.{quantization}", model_dir, beam, batch)))
-            if not teacher and quantization == "int8":  # file order on the first student only
-                levers = [("vmap", ["--use-vmap"]), ("max len 64", ["--max-len", "64"]),
-                          ("vmap + max len 64", ["--use-vmap", "--max-len", "64"])]
-                levers += [("file order", ["--read-batch-size", "64"])] if i == 1 else []
-                for lever, extra in levers:
-                    rows.append(dict(model=name, weights=quantization, lever=lever, **ct2_decode(
-                        args, f"{name}.{quantization}.{lever.replace(' + ', '_').replace(' ', '_')}", model_dir, 1, 64, extra)))
+        if not teacher:
+            rows.append(dict(model=name, weights="float32", lever=f"max len {SHORT}",
+                             **fairseq_decode(args, name, checkpoint, 1, max_len=(0.0, SHORT))))
+        short, use_vmap = ["--max-len", str(SHORT)], ["--use-vmap"]
+        for weights, quantization, bits in (("float32", "float32", 8), ("int8", "int8", 8), ("int8 7-bit", "int8", 7)):
+            tag = weights.replace(" ", "_")
+            model_dir = os.path.join(args.scratch, f"{name}.{tag}")
+            export(checkpoint, model_dir, data=dicts, quantization=quantization, spm=spm, force=True, vmap=vmap,
+                   int8_weight_bits=bits)
+            if bits == 7:  # the narrower weights: at the default limit, and with the two levers that pay
+                settings = [(5, 64, None, [])] if teacher else [(1, 64, None, []),
+                                                                (1, 64, f"vmap + max len {SHORT}", use_vmap + short)]
+            else:
+                settings = [(5, 64, None, [])] if teacher else [(1, 64, None, []), (1, 1, None, [])]
+                if not teacher and quantization == "int8":
+                    settings += [(1, 64, "vmap", use_vmap), (1, 64, f"max len {SHORT}", short),
+                                 (1, 64, f"vmap + max len {SHORT}", use_vmap + short)]
+                    settings += [(1, 64, "file order", ["--read-batch-size", "64"])] if i == 1 else []  # first student
+            for beam, batch, lever, extra in settings:
+                label = f"{name}.{tag}" + (f".{lever.replace(' + ', '_').replace(' ', '_')}" if lever else "")
+                rows.append(dict(model=name, weights=weights, lever=lever,
+                                 **ct2_decode(args, label, model_dir, beam, batch, extra)))
     add_ratios(rows)
     result = dict(date=time.strftime("%Y-%m-%d"), threads=args.threads, repeats=args.repeats,
                   cpu=evaluate.cpu_name(), ctranslate2=__import__("ctranslate2").__version__,

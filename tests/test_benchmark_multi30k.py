@@ -342,3 +342,21 @@ def test_each_ct2_speed_run_gets_its_own_table_with_the_vmap_columns():
     assert "| a | 250.0 | 1000.0 | 2000.0 | 3000.0 | 40.0 / 60.0 | 10.0 / 15.0 | 20.00 → 19.50 / 19.25 |" in text
     assert "| a | 250.0 | 1000.0 | 2000.0 |  | 40.0 | 10.0 | 20.00 → 19.50 |" in text
     assert tables.ct2_table({"ctranslate2_speed": []}) == ""
+    assert "Deployed as a user would" not in text  # neither run timed the deployment setting
+
+
+def test_the_deployment_setting_is_compared_with_fairseq_at_the_same_limit():
+    import tables
+
+    rows = [_ct2_row("teacher", "fairseq", "float32", 5, 50.0, 39.0),
+            _ct2_row("teacher", "ctranslate2", "float32", 5, 100.0, 39.0),
+            _ct2_row("teacher", "ctranslate2", "int8", 5, 200.0, 39.1),
+            _ct2_row("a", "fairseq", "float32", 1, 250.0, 20.0),
+            _ct2_row("a", "fairseq", "float32", 1, 300.0, 24.0, lever="max len 64"),
+            _ct2_row("a", "ctranslate2", "float32", 1, 1000.0, 20.0),
+            _ct2_row("a", "ctranslate2", "int8", 1, 2000.0, 19.5),
+            _ct2_row("a", "ctranslate2", "int8 7-bit", 1, 4000.0, 23.75, lever="vmap + max len 64")]
+    text = tables.ct2_table({"ctranslate2_speed": [dict(file="f.json", date="d", threads=1, rows=rows)]})
+    assert "Deployed as a user would" in text
+    # 4000/50 = 80, 4000/200 = 20; BLEU against fairseq at 64 pieces (24.0), not at 200 (20.0)
+    assert "| a | 300.0 | 4000.0 | 80.0 | 20.0 | 24.00 → 23.75 |" in text
