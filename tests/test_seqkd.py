@@ -302,8 +302,11 @@ def test_ctranslate2_engine_decodes_the_same_corpus_as_fairseq(small_data, teach
 def test_ctranslate2_engine_option_errors(small_data, teacher, tmp_path, capsys):
     base = [small_data, "-o", tmp_path / "out", "--teacher-path", teacher, *RUN]
     for extra, message in [
-        (["--ct2-compute-type", "int8"], "--ct2-compute-type and --ct2-vmap are only used with --engine ctranslate2"),
-        (["--ct2-vmap", tmp_path], "--ct2-compute-type and --ct2-vmap are only used with --engine ctranslate2"),
+        (["--ct2-compute-type", "int8"], "are only used with --engine ctranslate2"),
+        (["--ct2-vmap", tmp_path], "are only used with --engine ctranslate2"),
+        (["--ct2-int8-weight-bits", "7"], "are only used with --engine ctranslate2"),
+        (["--engine", "ctranslate2", "--ct2-compute-type", "float32", "--ct2-int8-weight-bits", "7"],
+         "--ct2-int8-weight-bits 7 is for CPU int8 (int8, int8_float32), not float32"),
         (["--engine", "ctranslate2", "--ct2-vmap", tmp_path / "nosuch.vmap"], "--ct2-vmap"),
         (["--engine", "ctranslate2", "--ct2-compute-type", "int4"], "--ct2-compute-type 'int4' is not one of"),
         (["--engine", "ctranslate2", "--teacher-path", f"{teacher}:{teacher}"], "not an ensemble"),
@@ -311,6 +314,22 @@ def test_ctranslate2_engine_option_errors(small_data, teacher, tmp_path, capsys)
         code, err = seqkd_main(capsys, *base, *extra)
         assert code == 2 and message in err and "Traceback" not in err, (extra, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_ctranslate2_7_bit_teacher_is_its_own_corpus(small_data, teacher, tmp_path, capsys):
+    """--ct2-int8-weight-bits 7 decodes with an int8 teacher whose weights stay within ±63; the manifest
+    records it, so an 8-bit build will not resume into (or mix with) the 7-bit corpus."""
+    pytest.importorskip("ctranslate2")
+    out = tmp_path / "ct2_7bit"
+    summary = seqkd(small_data, "-o", out, "--teacher-path", teacher, "--engine", "ctranslate2",
+                    "--ct2-compute-type", "int8", "--ct2-int8-weight-bits", "7", *RUN)
+    assert summary["merged"] and summary["stats"]["sentences"] == N
+    assert all(len(t) >= 1 for t in tokens(out / "train.src-tgt.tgt"))
+    settings = json.loads((out / "seqkd_manifest.json").read_text())["settings"]
+    assert settings["ct2_compute_type"] == "int8" and settings["ct2_int8_weight_bits"] == 7
+    code, err = seqkd_main(capsys, small_data, "-o", out, "--teacher-path", teacher, "--engine", "ctranslate2",
+                           "--ct2-compute-type", "int8", *RUN)
+    assert code == 2 and "ct2_int8_weight_bits" in err, err
 
 
 def test_ctranslate2_vmap_restricts_the_targets(small_data, teacher, seqkd_top, tmp_path, capsys):

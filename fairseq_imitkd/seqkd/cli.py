@@ -50,7 +50,7 @@ from fairseq.data import data_utils, indexed_dataset
 from fairseq.dataclass.configs import GenerationConfig
 
 from ..errors import ImitKDError
-from ..export import QUANTIZATIONS
+from ..export import CPU_INT8, QUANTIZATIONS
 from ..teacher import (check_teacher_files, file_identity, load_teacher, split_teacher_paths,
                        translation_task)
 from . import SeqKDError
@@ -124,6 +124,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="with --engine ctranslate2, restrict each sentence's output vocabulary with this "
                         "imitkd-vmap file: faster, and the targets differ where the map misses a piece the "
                         "teacher would pick (default: the whole vocabulary)")
+    g.add_argument("--ct2-int8-weight-bits", type=int, choices=(8, 7), default=8,
+                   help="with --engine ctranslate2 and a CPU int8 compute type: 7 keeps the weights within ±63, "
+                        "for CPUs whose int8 kernels saturate without AVX-512 VNNI (see imitkd-export) "
+                        "(default: %(default)s, CTranslate2's own)")
     s = p.add_argument_group("selection (Seq-Inter)")
     s.add_argument("--select", choices=SELECT_CHOICES, default="top",
                    help="top: the beam's best (Seq-KD). sentence-bleu: the n-best candidate with the highest "
@@ -190,8 +194,13 @@ def check_options(args) -> None:
                              f"{', '.join(QUANTIZATIONS)}")
         if args.ct2_vmap is not None and not os.path.isfile(args.ct2_vmap):
             raise SeqKDError(f"--ct2-vmap {args.ct2_vmap} does not exist")
-    elif args.ct2_compute_type != "default" or args.ct2_vmap is not None:
-        raise SeqKDError("--ct2-compute-type and --ct2-vmap are only used with --engine ctranslate2")
+        compute_type = resolve_compute_type(args.ct2_compute_type, use_cuda(args))
+        if args.ct2_int8_weight_bits != 8 and compute_type not in CPU_INT8:
+            raise SeqKDError(f"--ct2-int8-weight-bits {args.ct2_int8_weight_bits} is for CPU int8 "
+                             f"({', '.join(CPU_INT8)}), not {compute_type}")
+    elif args.ct2_compute_type != "default" or args.ct2_vmap is not None or args.ct2_int8_weight_bits != 8:
+        raise SeqKDError("--ct2-compute-type, --ct2-vmap and --ct2-int8-weight-bits are only used with "
+                         "--engine ctranslate2")
     if args.max_tokens is None and args.batch_size is None:
         args.max_tokens = DEFAULT_MAX_TOKENS
 
@@ -280,6 +289,8 @@ def corpus_settings(args, prefixes: Dict[str, str], num_sentences: int) -> Dict[
     if args.engine != "fairseq":  # fairseq corpora keep the settings they had before there was a choice
         settings["engine"] = args.engine
         settings["ct2_compute_type"] = resolve_compute_type(args.ct2_compute_type, use_cuda(args))
+        if args.ct2_int8_weight_bits != 8:  # 8-bit corpora keep the settings they had before the choice
+            settings["ct2_int8_weight_bits"] = args.ct2_int8_weight_bits
         if args.ct2_vmap is not None:  # by content: another map is another corpus
             with open(args.ct2_vmap, "rb") as f:
                 settings["ct2_vmap_sha256"] = hashlib.sha256(f.read()).hexdigest()
@@ -378,7 +389,8 @@ def build(args) -> dict:
         if args.engine == "ctranslate2":
             engine = CTranslate2Engine(args.teacher_path, args.teacher_data or args.data, args.source_lang,
                                        args.target_lang, task.source_dictionary, task.target_dictionary, gen_cfg,
-                                       cuda, settings["ct2_compute_type"], args.ct2_vmap)
+                                       cuda, settings["ct2_compute_type"], args.ct2_vmap,
+                                       args.ct2_int8_weight_bits)
             cuda = False  # CTranslate2 takes the batch from CPU tensors
             del teacher  # only checked above; CTranslate2 holds its own copy of the weights
         else:

@@ -63,7 +63,8 @@ class CTranslate2Engine:
     """
 
     def __init__(self, teacher_path: str, data: str, source_lang: str, target_lang: str, src_dict, tgt_dict,
-                 gen_cfg: GenerationConfig, use_cuda: bool, compute_type: str, vmap: Optional[str] = None):
+                 gen_cfg: GenerationConfig, use_cuda: bool, compute_type: str, vmap: Optional[str] = None,
+                 int8_weight_bits: int = 8):
         from ..export import export
 
         try:
@@ -72,20 +73,21 @@ class CTranslate2Engine:
             raise SeqKDError("--engine ctranslate2 needs CTranslate2: pip install ctranslate2 "
                              "(or fairseq-imitkd[ct2])") from e
         self.device = "cuda" if use_cuda else "cpu"
-        self.compute_type, self.use_vmap = compute_type, vmap is not None
+        self.compute_type, self.use_vmap, self.bits = compute_type, vmap is not None, int8_weight_bits
         self.src_dict, self.tgt_dict, self.cfg = src_dict, tgt_dict, gen_cfg
         self.threads = torch.get_num_threads()
         self._tmp = tempfile.TemporaryDirectory(prefix="imitkd-seqkd-ct2-")
         model_dir = os.path.join(self._tmp.name, "teacher")
         export(teacher_path, model_dir, data=data, quantization=compute_type, source_lang=source_lang,
-               target_lang=target_lang, vmap=vmap)
+               target_lang=target_lang, vmap=vmap, int8_weight_bits=int8_weight_bits)
         self.translator = ctranslate2.Translator(model_dir, device=self.device, compute_type=compute_type,
                                                  inter_threads=1, intra_threads=self.threads)
         logger.info("teacher converted to CTranslate2 (%s, %s)", compute_type, self.device_name())
 
     def device_name(self) -> str:
         vmap = ", vmap" if self.use_vmap else ""
-        return f"{self.device} (ctranslate2 {self.compute_type}{vmap}, {self.threads} threads)"
+        bits = f", {self.bits}-bit weights" if self.bits != 8 else ""
+        return f"{self.device} (ctranslate2 {self.compute_type}{bits}{vmap}, {self.threads} threads)"
 
     def nbest(self, sample) -> List[List[torch.Tensor]]:
         src = sample["net_input"]["src_tokens"]
