@@ -5,7 +5,8 @@ Two readings:
   ``seqkd_stats.json`` seconds), and how far the two corpora agree: the share of identical targets and
   the BLEU of the CTranslate2 targets against the fairseq ones (detokenized, sacreBLEU);
 - ``--slice N``: fairseq, CTranslate2, and CTranslate2 with a vocabulary map (imitkd-vmap's defaults
-  over the training pairs) decode the same first 1/N of train here, one after the other, with nothing
+  over the training pairs), each CTranslate2 setting also with 7-bit int8 weights
+  (``--ct2-int8-weight-bits 7``), decode the same first 1/N of train here, one after the other, with nothing
   else running, at ``--threads``: the clean speed ratios, and how many targets match fairseq's.
 
     OMP_NUM_THREADS=1 python benchmarks/seqkd_engines.py --slice 15 --out benchmarks/results/seqkd_engines.json
@@ -45,24 +46,30 @@ def corpus_text(corpus: str, spm) -> list:
     return [spm.decode(d.string(t[:-1]).split()) for t in read_indexed(os.path.join(corpus, "train.de-en.en"))]
 
 
+CT2_CORPORA = ("seqkd_ct2", "seqkd_ct2_vmap")  # benchmarks/multi30k's CTranslate2 corpora
+
+
 def agreement(work: str, teacher_dir: str) -> dict:
+    """Each CTranslate2 corpus of ``work`` against the fairseq one: identical targets, BLEU, build time."""
     import sacrebleu
     import sentencepiece
 
     spm = sentencepiece.SentencePieceProcessor(model_file=os.path.join(teacher_dir, "spm.model"))
-    ours, theirs = corpus_text(os.path.join(work, "seqkd_ct2"), spm), corpus_text(os.path.join(work, "seqkd"), spm)
-    stats = {e: json.load(open(os.path.join(work, c, "seqkd_stats.json"))) for e, c in
-             (("fairseq", "seqkd"), ("ctranslate2", "seqkd_ct2"))}
-    return dict(
-        sentences=len(ours),
-        exact_match=round(sum(a == b for a, b in zip(ours, theirs)) / len(ours), 4),
-        bleu_ct2_against_fairseq=round(sacrebleu.corpus_bleu(ours, [theirs]).score, 2),
-        corpus_seconds={e: s["seconds"] for e, s in stats.items()},
-        corpus_devices={e: sorted({sh["device"] for sh in s["shards"]}) for e, s in stats.items()},
-        mean_target_length={e: round(s["mean_target_length"], 3) for e, s in stats.items()},
-        note="whole-train builds of benchmarks/multi30k, timed by imitkd-seqkd; what shared the CPU with them is "
-             "in benchmarks/README.md",
-    )
+    corpora = ["seqkd"] + [c for c in CT2_CORPORA if os.path.isfile(os.path.join(work, c, "seqkd_stats.json"))]
+    stats = {c: json.load(open(os.path.join(work, c, "seqkd_stats.json"))) for c in corpora}
+    theirs = corpus_text(os.path.join(work, "seqkd"), spm)
+    out = dict(sentences=len(theirs), note="whole-train builds of benchmarks/multi30k, timed by imitkd-seqkd; what "
+                                           "shared the CPU with them is in benchmarks/README.md")
+    for c in corpora:
+        entry = dict(seconds=stats[c]["seconds"], devices=sorted({sh["device"] for sh in stats[c]["shards"]}),
+                     mean_target_length=round(stats[c]["mean_target_length"], 3))
+        if c != "seqkd":
+            ours = corpus_text(os.path.join(work, c), spm)
+            entry.update(exact_match_fairseq=round(sum(a == b for a, b in zip(ours, theirs)) / len(ours), 4),
+                         bleu_against_fairseq=round(sacrebleu.corpus_bleu(ours, [theirs]).score, 2),
+                         speedup=round(stats["seqkd"]["seconds"] / stats[c]["seconds"], 2))
+        out[c] = entry
+    return out
 
 
 def time_slice(work: str, teacher_dir: str, n: int, threads: int) -> dict:
@@ -77,7 +84,10 @@ def time_slice(work: str, teacher_dir: str, n: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         vmap = data.train_vmap(work)  # imitkd-vmap's defaults, from the training pairs
         settings = {"fairseq": ["--engine", "fairseq"], "ctranslate2": ["--engine", "ctranslate2"],
-                    "ctranslate2_vmap": ["--engine", "ctranslate2", "--ct2-vmap", vmap]}
+                    "ctranslate2_vmap": ["--engine", "ctranslate2", "--ct2-vmap", vmap],
+                    "ctranslate2_7bit": ["--engine", "ctranslate2", "--ct2-int8-weight-bits", "7"],
+                    "ctranslate2_7bit_vmap": ["--engine", "ctranslate2", "--ct2-int8-weight-bits", "7",
+                                              "--ct2-vmap", vmap]}
         for name, extra in settings.items():
             cmd = [sys.executable, "-m", "fairseq_imitkd.seqkd", os.path.join(work, "bin"), "-o",
                    os.path.join(tmp, name), "--teacher-path", os.path.join(teacher_dir, "checkpoint.pt"),
@@ -102,7 +112,7 @@ def main(argv=None):
     args = parse_args(argv)
     result = dict(date=time.strftime("%Y-%m-%d"), cpu=evaluate.cpu_name(), threads=args.threads,
                   command=" ".join(sys.argv), beam=5)
-    if os.path.isfile(os.path.join(args.work, "seqkd_ct2", "seqkd_stats.json")):
+    if os.path.isfile(os.path.join(args.work, "seqkd", "seqkd_stats.json")):
         result["whole_train"] = agreement(args.work, args.teacher_dir)
     if args.slice:
         result["slice"] = dict(fraction=f"1/{args.slice}", **time_slice(args.work, args.teacher_dir, args.slice,
