@@ -83,7 +83,8 @@ def _hypothesis(ctx, method: str, seed: int, decode: str, scratch_dir: str) -> O
     return path if os.path.exists(path) else ctx.archive.hypothesis(method, seed, decode, scratch_dir)
 
 
-CORPUS_ABLATIONS = ("seqkd_ct2", "seqkd_ct2_vmap")  # seqkd on a corpus CTranslate2 decoded: judged against seqkd
+# seqkd on a corpus CTranslate2 decoded: judged against seqkd
+CORPUS_ABLATIONS = tuple(m for m, a in methods.ABLATIONS.items() if a["data"].startswith("seqkd_ct2"))
 
 
 def bootstrap(ctx, present: Dict[str, dict], ablations: Optional[Dict[str, dict]] = None) -> List[dict]:

@@ -81,6 +81,8 @@ CORPORA = {
     "seqkd_ct2": ["--engine", "ctranslate2"],
     # ... with CTranslate2's vocabulary map over the training pairs (imitkd-vmap's defaults): faster, further off
     "seqkd_ct2_vmap": ["--engine", "ctranslate2", "--ct2-vmap", "{vmap}"],
+    # ... with int8 weights within ±63, for CPUs whose int8 kernels saturate (AVX2 without VNNI)
+    "seqkd_ct2_7bit": ["--engine", "ctranslate2", "--ct2-int8-weight-bits", "7"],
 }
 
 

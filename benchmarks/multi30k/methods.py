@@ -53,6 +53,9 @@ ABLATIONS: Dict[str, dict] = {
                       label="Seq-KD on the corpus CTranslate2 decoded (imitkd-seqkd --engine ctranslate2, int8)"),
     "seqkd_ct2_vmap": dict(cost=1.2, data="seqkd_ct2_vmap", kd=False,
                            label="Seq-KD on the corpus CTranslate2 decoded with a vocabulary map (--ct2-vmap)"),
+    "seqkd_ct2_7bit": dict(cost=1.2, data="seqkd_ct2_7bit", kd=False,
+                           label="Seq-KD on the corpus CTranslate2 decoded with 7-bit int8 weights "
+                                 "(--ct2-int8-weight-bits 7)"),
     # the deployment-speed architecture lever: depth moved to the encoder at d=256 (6+1), against the 3+1 d=128
     # student of every other row, trained as word_kd_cache
     "word_kd_cache_deep_shallow": dict(cost=4.0, data="gold", kd=True, cache=32,
