@@ -99,6 +99,7 @@ _METHOD_ARGS = {
     "seqinter": _CE,
     "seqkd_ct2": _CE,
     "seqkd_ct2_vmap": _CE,
+    "seqkd_ct2_7bit": _CE,
     "imitkd": _IMITKD + _ARGMAX_TOPK,
     "imitkd_full": _IMITKD + _FULL_GREEDY,
     "imitkd_star": _imitkd("2") + _ARGMAX_TOPK,  # the paper's ImitKD* base (WMT): half the rows stay on Seq-KD
