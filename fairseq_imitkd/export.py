@@ -18,6 +18,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from fairseq_imitkd_translate import CPU_INT8, MANIFEST, SATURATION_HINT, SPM_NAME, cpu_int8_saturates
+
 from .checkpoint_loading import config_value, read_fairseq_checkpoint
 from .errors import ImitKDError
 
@@ -26,10 +28,6 @@ logger = logging.getLogger(__name__)
 USER_DIR = os.path.dirname(os.path.abspath(__file__))
 #: CTranslate2's weight types: float32 and int8 for CPUs, int8_float16 / float16 for GPUs
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16")
-#: the CPU int8 types, the only ones a narrower weight range is for
-CPU_INT8 = ("int8", "int8_float32")
-MANIFEST = "imitkd_export.json"
-SPM_NAME = "spm.model"
 
 
 class ExportError(ImitKDError):
@@ -219,6 +217,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                      vmap=args.vmap, int8_weight_bits=args.int8_weight_bits)
     except ImitKDError as e:
         raise SystemExit(f"imitkd-export: {e}") from None
+    if args.quantization in CPU_INT8 and args.int8_weight_bits == 8 and cpu_int8_saturates():
+        logger.warning("%s: to deploy on a CPU like this one, export with --int8-weight-bits 7", SATURATION_HINT)
     bits = f", {args.int8_weight_bits}-bit weights" if args.quantization.startswith("int8") else ""
     logger.info("wrote %s (%s%s)", out, args.quantization, bits)
 

@@ -93,6 +93,41 @@ def test_quantize_rows_is_symmetric_per_row_at_the_given_width():
     assert np.abs(q / scale[:, None] - w).max() <= 0.5 / scale.min()
 
 
+@pytest.mark.parametrize("flags, saturates", [
+    ("fpu sse2 avx avx2 fma", True),  # AVX2 without VNNI (the AMD EPYC the benchmarks ran on)
+    ("fpu avx2 avx512f avx512bw avx512_vnni", False),  # VNNI sums u8*s8 products straight into int32
+    ("fpu avx2 avx_vnni", False),
+    ("fpu sse2 sse4_2", False),  # no AVX2: not the kernel that saturates
+    (None, False),  # no flags line (ARM), or no /proc/cpuinfo: cannot tell, so no warning
+])
+def test_cpu_int8_saturation_is_read_from_the_cpu_flags(tmp_path, flags, saturates):
+    from fairseq_imitkd_translate import cpu_int8_saturates
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\n" + (f"flags\t\t: {flags}\n" if flags else "Features\t: fp asimd\n"))
+    assert cpu_int8_saturates(str(cpuinfo)) is saturates
+    assert cpu_int8_saturates(str(tmp_path / "missing")) is False
+
+
+def test_translate_warns_about_8_bit_int8_weights_only_where_the_cpu_saturates(tmp_path, monkeypatch, caplog):
+    import argparse
+
+    import fairseq_imitkd_translate as translate
+
+    model = tmp_path / "m"
+    model.mkdir()
+    for bits, quantization, compute, saturates, warned in [
+        (8, "int8", "default", True, True), (7, "int8", "default", True, False),
+        (8, "int8", "default", False, False), (None, "float32", "default", True, False),
+        (8, "int8", "float32", True, False),  # int8 weights computed in float32: no int8 products
+    ]:
+        (model / "imitkd_export.json").write_text(json.dumps({"quantization": quantization, "int8_weight_bits": bits}))
+        monkeypatch.setattr(translate, "cpu_int8_saturates", lambda saturates=saturates: saturates)
+        caplog.clear()
+        translate._warn_if_int8_saturates(argparse.Namespace(model=str(model), device="cpu", compute_type=compute))
+        assert ("--int8-weight-bits 7" in caplog.text) is warned, (bits, quantization, compute, saturates)
+
+
 def test_a_7_bit_int8_export_keeps_every_weight_within_63(word_kd_student, test_split, tmp_path):
     """Every weight CTranslate2 would quantize is int8 in [-63, 63] with a scale that gives the float
     weights back to within half a step; the export translates and records its width."""
