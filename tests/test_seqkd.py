@@ -294,6 +294,12 @@ def test_ctranslate2_engine_decodes_the_same_corpus_as_fairseq(small_data, teach
     assert settings["engine"] == "ctranslate2" and settings["ct2_compute_type"] == "float32"
     assert "engine" not in json.loads((seqkd_top[0] / "seqkd_manifest.json").read_text())["settings"]
     assert not list(out.glob("**/model.bin"))  # the converted teacher is not left in the corpus
+    # sub-batches are a speed knob: one sentence at a time gives the same targets, and the same corpus
+    one = tmp_path / "ct2_one"
+    seqkd(small_data, "-o", one, "--teacher-path", teacher, "--engine", "ctranslate2",
+          "--ct2-compute-type", "float32", "--ct2-max-batch-size", "1", *RUN)
+    assert all(np.array_equal(a, b) for a, b in zip(tokens(one / "train.src-tgt.tgt"), ours))
+    assert json.loads((one / "seqkd_manifest.json").read_text())["settings"] == settings
     # the fairseq engine will not resume (or mix into) a corpus the other engine decoded
     code, err = seqkd_main(capsys, small_data, "-o", out, "--teacher-path", teacher, *RUN)
     assert code == 2 and "engine: None now, 'ctranslate2' there" in err, err
@@ -305,6 +311,8 @@ def test_ctranslate2_engine_option_errors(small_data, teacher, tmp_path, capsys)
         (["--ct2-compute-type", "int8"], "are only used with --engine ctranslate2"),
         (["--ct2-vmap", tmp_path], "are only used with --engine ctranslate2"),
         (["--ct2-int8-weight-bits", "7"], "are only used with --engine ctranslate2"),
+        (["--ct2-max-batch-size", "32"], "are only used with --engine ctranslate2"),
+        (["--engine", "ctranslate2", "--ct2-max-batch-size", "-1"], "--ct2-max-batch-size must be >= 0"),
         (["--engine", "ctranslate2", "--ct2-compute-type", "float32", "--ct2-int8-weight-bits", "7"],
          "--ct2-int8-weight-bits 7 is for CPU int8 (int8, int8_float32), not float32"),
         (["--engine", "ctranslate2", "--ct2-vmap", tmp_path / "nosuch.vmap"], "--ct2-vmap"),

@@ -70,7 +70,7 @@ from .corpus_files import (
     write_json,
 )
 from .decoding import SELECT_CHOICES, SMOOTH_CHOICES, SentenceBleu, decode_shard, shard_range
-from .engines import ENGINES, CTranslate2Engine, FairseqEngine, resolve_compute_type
+from .engines import CT2_CPU_MAX_BATCH, ENGINES, CTranslate2Engine, FairseqEngine, resolve_compute_type
 
 logger = logging.getLogger("fairseq_imitkd.seqkd")
 
@@ -124,6 +124,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="with --engine ctranslate2, restrict each sentence's output vocabulary with this "
                         "imitkd-vmap file: faster, and the targets differ where the map misses a piece the "
                         "teacher would pick (default: the whole vocabulary)")
+    g.add_argument("--ct2-max-batch-size", type=int, default=None, metavar="N",
+                   help="with --engine ctranslate2, sentences CTranslate2 decodes at a time within each fairseq "
+                        "batch: the same targets, and on CPU small batches keep the beam's state in cache "
+                        f"(default: {CT2_CPU_MAX_BATCH} on CPU, the whole batch on a GPU; 0: the whole batch)")
     g.add_argument("--ct2-int8-weight-bits", type=int, choices=(8, 7), default=8,
                    help="with --engine ctranslate2 and a CPU int8 compute type: 7 keeps the weights within ±63, "
                         "for CPUs whose int8 kernels saturate without AVX-512 VNNI (see imitkd-export) "
@@ -198,9 +202,12 @@ def check_options(args) -> None:
         if args.ct2_int8_weight_bits != 8 and compute_type not in CPU_INT8:
             raise SeqKDError(f"--ct2-int8-weight-bits {args.ct2_int8_weight_bits} is for CPU int8 "
                              f"({', '.join(CPU_INT8)}), not {compute_type}")
-    elif args.ct2_compute_type != "default" or args.ct2_vmap is not None or args.ct2_int8_weight_bits != 8:
-        raise SeqKDError("--ct2-compute-type, --ct2-vmap and --ct2-int8-weight-bits are only used with "
-                         "--engine ctranslate2")
+        if args.ct2_max_batch_size is not None and args.ct2_max_batch_size < 0:
+            raise SeqKDError(f"--ct2-max-batch-size must be >= 0 (0: the whole batch), got {args.ct2_max_batch_size}")
+    elif (args.ct2_compute_type != "default" or args.ct2_vmap is not None or args.ct2_int8_weight_bits != 8
+          or args.ct2_max_batch_size is not None):
+        raise SeqKDError("--ct2-compute-type, --ct2-vmap, --ct2-int8-weight-bits and --ct2-max-batch-size are "
+                         "only used with --engine ctranslate2")
     if args.max_tokens is None and args.batch_size is None:
         args.max_tokens = DEFAULT_MAX_TOKENS
 
@@ -390,7 +397,7 @@ def build(args) -> dict:
             engine = CTranslate2Engine(args.teacher_path, args.teacher_data or args.data, args.source_lang,
                                        args.target_lang, task.source_dictionary, task.target_dictionary, gen_cfg,
                                        cuda, settings["ct2_compute_type"], args.ct2_vmap,
-                                       args.ct2_int8_weight_bits)
+                                       args.ct2_int8_weight_bits, args.ct2_max_batch_size)
             cuda = False  # CTranslate2 takes the batch from CPU tensors
             del teacher  # only checked above; CTranslate2 holds its own copy of the weights
         else:
