@@ -365,6 +365,12 @@ def test_ctranslate2_vmap_restricts_the_targets(small_data, teacher, seqkd_top, 
     code, err = seqkd_main(capsys, small_data, "-o", out["one"], "--teacher-path", teacher, "--engine", "ctranslate2",
                            "--ct2-compute-type", "float32", "--ct2-vmap", full, *RUN)
     assert code == 2 and "ct2_vmap_sha256" in err, err
+    # a map covers a whole CTranslate2 batch: a vmap corpus decodes whole fairseq batches unless told,
+    # and a sub-batch size makes another corpus
+    assert "ct2_vmap_max_batch_size" not in json.loads((out["one"] / "seqkd_manifest.json").read_text())["settings"]
+    code, err = seqkd_main(capsys, small_data, "-o", out["one"], "--teacher-path", teacher, "--engine", "ctranslate2",
+                           "--ct2-compute-type", "float32", "--ct2-vmap", one, "--ct2-max-batch-size", "4", *RUN)
+    assert code == 2 and "ct2_vmap_max_batch_size" in err, err
 
 
 def test_ctranslate2_engine_refuses_fp16(small_data, teacher, tmp_path, capsys, monkeypatch):

@@ -70,7 +70,8 @@ from .corpus_files import (
     write_json,
 )
 from .decoding import SELECT_CHOICES, SMOOTH_CHOICES, SentenceBleu, decode_shard, shard_range
-from .engines import CT2_CPU_MAX_BATCH, ENGINES, CTranslate2Engine, FairseqEngine, resolve_compute_type
+from .engines import (CT2_CPU_MAX_BATCH, ENGINES, CTranslate2Engine, FairseqEngine, resolve_compute_type,
+                      resolve_max_batch_size)
 
 logger = logging.getLogger("fairseq_imitkd.seqkd")
 
@@ -126,8 +127,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "teacher would pick (default: the whole vocabulary)")
     g.add_argument("--ct2-max-batch-size", type=int, default=None, metavar="N",
                    help="with --engine ctranslate2, sentences CTranslate2 decodes at a time within each fairseq "
-                        "batch: the same targets, and on CPU small batches keep the beam's state in cache "
-                        f"(default: {CT2_CPU_MAX_BATCH} on CPU, the whole batch on a GPU; 0: the whole batch)")
+                        "batch: faster on CPU, and the same targets unless --ct2-vmap is given (a map applies to "
+                        "a whole CTranslate2 batch, so a vmap corpus records it) (default: "
+                        f"{CT2_CPU_MAX_BATCH} on CPU, the whole batch on a GPU or with --ct2-vmap; 0: the whole batch)")
     g.add_argument("--ct2-int8-weight-bits", type=int, choices=(8, 7), default=8,
                    help="with --engine ctranslate2 and a CPU int8 compute type: 7 keeps the weights within ±63, "
                         "for CPUs whose int8 kernels saturate without AVX-512 VNNI (see imitkd-export) "
@@ -298,6 +300,9 @@ def corpus_settings(args, prefixes: Dict[str, str], num_sentences: int) -> Dict[
         settings["ct2_compute_type"] = resolve_compute_type(args.ct2_compute_type, use_cuda(args))
         if args.ct2_int8_weight_bits != 8:  # 8-bit corpora keep the settings they had before the choice
             settings["ct2_int8_weight_bits"] = args.ct2_int8_weight_bits
+        max_batch = resolve_max_batch_size(args.ct2_max_batch_size, use_cuda(args), args.ct2_vmap)
+        if args.ct2_vmap is not None and max_batch:  # the map covers each sub-batch: other targets
+            settings["ct2_vmap_max_batch_size"] = max_batch
         if args.ct2_vmap is not None:  # by content: another map is another corpus
             with open(args.ct2_vmap, "rb") as f:
                 settings["ct2_vmap_sha256"] = hashlib.sha256(f.read()).hexdigest()
@@ -397,7 +402,8 @@ def build(args) -> dict:
             engine = CTranslate2Engine(args.teacher_path, args.teacher_data or args.data, args.source_lang,
                                        args.target_lang, task.source_dictionary, task.target_dictionary, gen_cfg,
                                        cuda, settings["ct2_compute_type"], args.ct2_vmap,
-                                       args.ct2_int8_weight_bits, args.ct2_max_batch_size)
+                                       args.ct2_int8_weight_bits,
+                                       resolve_max_batch_size(args.ct2_max_batch_size, cuda, args.ct2_vmap))
             cuda = False  # CTranslate2 takes the batch from CPU tensors
             del teacher  # only checked above; CTranslate2 holds its own copy of the weights
         else:

@@ -25,9 +25,18 @@ logger = logging.getLogger(__name__)
 ENGINES = ("fairseq", "ctranslate2")
 #: CPU default: int8 weights, the fastest; GPUs get int8 weights with float16 activations
 DEFAULT_COMPUTE_TYPE = {"cpu": "int8", "cuda": "int8_float16"}
-#: CPU default of --ct2-max-batch-size: a fairseq batch of 8,000 source tokens (about 500 sentences, 2,500
-#: beams) decodes faster in CTranslate2 as sub-batches of this many sentences (benchmarks/README.md)
+#: CPU default of --ct2-max-batch-size without a vocabulary map: a fairseq batch of 8,000 source tokens
+#: (about 500 sentences, 2,500 beams) decodes faster in CTranslate2 as sub-batches of this many sentences
 CT2_CPU_MAX_BATCH = 32
+
+
+def resolve_max_batch_size(max_batch_size: Optional[int], use_cuda: bool, vmap: Optional[str]) -> int:
+    """Sentences CTranslate2 decodes at a time (0: the whole fairseq batch). A vocabulary map applies to a
+    whole CTranslate2 batch, so sub-batches change a vmap corpus's targets: with a map, and on a GPU,
+    the default is the whole batch."""
+    if max_batch_size is not None:
+        return max_batch_size
+    return 0 if use_cuda or vmap is not None else CT2_CPU_MAX_BATCH
 
 
 class FairseqEngine:
@@ -67,7 +76,7 @@ class CTranslate2Engine:
 
     def __init__(self, teacher_path: str, data: str, source_lang: str, target_lang: str, src_dict, tgt_dict,
                  gen_cfg: GenerationConfig, use_cuda: bool, compute_type: str, vmap: Optional[str] = None,
-                 int8_weight_bits: int = 8, max_batch_size: Optional[int] = None):
+                 int8_weight_bits: int = 8, max_batch_size: int = 0):
         from fairseq_imitkd_translate import CPU_INT8, SATURATION_HINT, cpu_int8_saturates
 
         from ..export import export
@@ -79,7 +88,7 @@ class CTranslate2Engine:
                              "(or fairseq-imitkd[ct2])") from e
         self.device = "cuda" if use_cuda else "cpu"
         self.compute_type, self.use_vmap, self.bits = compute_type, vmap is not None, int8_weight_bits
-        self.max_batch_size = (0 if use_cuda else CT2_CPU_MAX_BATCH) if max_batch_size is None else max_batch_size
+        self.max_batch_size = max_batch_size
         self.src_dict, self.tgt_dict, self.cfg = src_dict, tgt_dict, gen_cfg
         self.threads = torch.get_num_threads()
         self._tmp = tempfile.TemporaryDirectory(prefix="imitkd-seqkd-ct2-")
