@@ -17,8 +17,8 @@ SPM_NAME = "spm.model"  # what imitkd-export copies beside the weights
 MANIFEST = "imitkd_export.json"  # what imitkd-export records beside the weights
 CPU_INT8 = ("int8", "int8_float32")  # the CPU int8 types, the only ones a narrower weight range is for
 SATURATION_HINT = ("this CPU has AVX2 but no VNNI, where CTranslate2's int8 products are summed in pairs into int16 "
-                   "and can saturate with 8-bit weights (on Multi30k students: about 1.5 BLEU and half the outputs "
-                   "changed); 7-bit weights avoid it at the same speed")
+                   "and can saturate with 8-bit weights (on Multi30k students: up to 1.8 BLEU lost); 7-bit weights "
+                   "avoid it at the same speed")
 
 
 def cpu_int8_saturates(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -32,6 +32,12 @@ def cpu_int8_saturates(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "avx2" in flags and not {"avx512_vnni", "avx_vnni"} & set(flags)
 
 
+def int8_saturates_here(compute_type: Optional[str], weight_bits: Optional[int]) -> bool:
+    """Whether a model computed in ``compute_type`` with ``weight_bits``-bit int8 weights risks saturated
+    sums on this CPU: the case the three commands warn about."""
+    return compute_type in CPU_INT8 and weight_bits == 8 and cpu_int8_saturates()
+
+
 def _warn_if_int8_saturates(args: argparse.Namespace) -> None:
     manifest = os.path.join(args.model, MANIFEST)
     if args.device != "cpu" or not os.path.isfile(manifest):
@@ -39,7 +45,7 @@ def _warn_if_int8_saturates(args: argparse.Namespace) -> None:
     with open(manifest) as f:
         exported = json.load(f)
     compute = exported.get("quantization") if args.compute_type == "default" else args.compute_type
-    if compute in CPU_INT8 and exported.get("int8_weight_bits") == 8 and cpu_int8_saturates():
+    if int8_saturates_here(compute, exported.get("int8_weight_bits")):
         logger.warning("%s: re-export with imitkd-export --int8-weight-bits 7", SATURATION_HINT)
 
 

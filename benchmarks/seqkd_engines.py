@@ -46,7 +46,7 @@ def corpus_text(corpus: str, spm) -> list:
     return [spm.decode(d.string(t[:-1]).split()) for t in read_indexed(os.path.join(corpus, "train.de-en.en"))]
 
 
-CT2_CORPORA = ("seqkd_ct2", "seqkd_ct2_vmap", "seqkd_ct2_7bit")  # benchmarks/multi30k's CTranslate2 corpora
+CT2_CORPORA = tuple(c for c in data.CORPORA if c.startswith("seqkd_ct2"))  # multi30k's CTranslate2 corpora
 
 
 def agreement(work: str, teacher_dir: str) -> dict:

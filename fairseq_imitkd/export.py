@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from fairseq_imitkd_translate import CPU_INT8, MANIFEST, SATURATION_HINT, SPM_NAME, cpu_int8_saturates
+from fairseq_imitkd_translate import CPU_INT8, MANIFEST, SATURATION_HINT, SPM_NAME, int8_saturates_here
 
 from .checkpoint_loading import config_value, read_fairseq_checkpoint
 from .errors import ImitKDError
@@ -217,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                      vmap=args.vmap, int8_weight_bits=args.int8_weight_bits)
     except ImitKDError as e:
         raise SystemExit(f"imitkd-export: {e}") from None
-    if args.quantization in CPU_INT8 and args.int8_weight_bits == 8 and cpu_int8_saturates():
+    if int8_saturates_here(args.quantization, args.int8_weight_bits):
         logger.warning("%s: to deploy on a CPU like this one, export with --int8-weight-bits 7", SATURATION_HINT)
     bits = f", {args.int8_weight_bits}-bit weights" if args.quantization.startswith("int8") else ""
     logger.info("wrote %s (%s%s)", out, args.quantization, bits)

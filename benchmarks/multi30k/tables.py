@@ -80,7 +80,7 @@ def _deployed_table(ct2: dict, rows: dict) -> List[str]:
     limit) against fairseq at the same limit; nothing for a run that did not time it."""
     lines = []
     for model in dict.fromkeys(r["model"] for r in ct2["rows"]):
-        dep = rows.get((model, "ctranslate2", *DEPLOYED[:1], 1, 64, DEPLOYED[1]))
+        dep = rows.get((model, "ctranslate2", DEPLOYED[0], 1, 64, DEPLOYED[1]))
         fs = rows.get((model, "fairseq", "float32", 1, 64, "max len 64"))
         if dep and fs:
             lines.append(f"| {model} | {fs['sents_per_sec']:.1f} | {dep['sents_per_sec']:.1f} | "

@@ -207,6 +207,7 @@ def check_options(args) -> None:
                              f"({', '.join(CPU_INT8)}), not {compute_type}")
         if args.ct2_max_batch_size is not None and args.ct2_max_batch_size < 0:
             raise SeqKDError(f"--ct2-max-batch-size must be >= 0 (0: the whole batch), got {args.ct2_max_batch_size}")
+        args.ct2_max_batch_size = resolve_max_batch_size(args.ct2_max_batch_size, use_cuda(args), args.ct2_vmap)
     elif (args.ct2_compute_type != "default" or args.ct2_vmap is not None or args.ct2_int8_weight_bits != 8
           or args.ct2_max_batch_size is not None):
         raise SeqKDError("--ct2-compute-type, --ct2-vmap, --ct2-int8-weight-bits and --ct2-max-batch-size are "
@@ -301,9 +302,8 @@ def corpus_settings(args, prefixes: Dict[str, str], num_sentences: int) -> Dict[
         settings["ct2_compute_type"] = resolve_compute_type(args.ct2_compute_type, use_cuda(args))
         if args.ct2_int8_weight_bits != 8:  # 8-bit corpora keep the settings they had before the choice
             settings["ct2_int8_weight_bits"] = args.ct2_int8_weight_bits
-        max_batch = resolve_max_batch_size(args.ct2_max_batch_size, use_cuda(args), args.ct2_vmap)
-        if args.ct2_vmap is not None and max_batch:  # the map covers each sub-batch: other targets
-            settings["ct2_vmap_max_batch_size"] = max_batch
+        if args.ct2_vmap is not None and args.ct2_max_batch_size:  # the map covers each sub-batch: other targets
+            settings["ct2_vmap_max_batch_size"] = args.ct2_max_batch_size
         if args.ct2_vmap is not None:  # by content: another map is another corpus
             with open(args.ct2_vmap, "rb") as f:
                 settings["ct2_vmap_sha256"] = hashlib.sha256(f.read()).hexdigest()
@@ -403,8 +403,7 @@ def build(args) -> dict:
             engine = CTranslate2Engine(args.teacher_path, args.teacher_data or args.data, args.source_lang,
                                        args.target_lang, task.source_dictionary, task.target_dictionary, gen_cfg,
                                        cuda, settings["ct2_compute_type"], args.ct2_vmap,
-                                       args.ct2_int8_weight_bits,
-                                       resolve_max_batch_size(args.ct2_max_batch_size, cuda, args.ct2_vmap))
+                                       args.ct2_int8_weight_bits, args.ct2_max_batch_size)
             cuda = False  # CTranslate2 takes the batch from CPU tensors
             del teacher  # only checked above; CTranslate2 holds its own copy of the weights
         else:

@@ -77,7 +77,7 @@ class CTranslate2Engine:
     def __init__(self, teacher_path: str, data: str, source_lang: str, target_lang: str, src_dict, tgt_dict,
                  gen_cfg: GenerationConfig, use_cuda: bool, compute_type: str, vmap: Optional[str] = None,
                  int8_weight_bits: int = 8, max_batch_size: int = 0):
-        from fairseq_imitkd_translate import CPU_INT8, SATURATION_HINT, cpu_int8_saturates
+        from fairseq_imitkd_translate import SATURATION_HINT, int8_saturates_here
 
         from ..export import export
 
@@ -98,7 +98,7 @@ class CTranslate2Engine:
         self.translator = ctranslate2.Translator(model_dir, device=self.device, compute_type=compute_type,
                                                  inter_threads=1, intra_threads=self.threads)
         logger.info("teacher converted to CTranslate2 (%s, %s)", compute_type, self.device_name())
-        if not use_cuda and compute_type in CPU_INT8 and int8_weight_bits == 8 and cpu_int8_saturates():
+        if not use_cuda and int8_saturates_here(compute_type, int8_weight_bits):
             logger.warning("%s: pass --ct2-int8-weight-bits 7", SATURATION_HINT)
 
     def device_name(self) -> str:
