@@ -20,7 +20,8 @@ route is refused before anything starts, with a message that names the working o
 ``fairseq.distributed.utils.call_main`` when the plugin is imported (:func:`install`). That is the
 only thing importing the plugin changes beyond registration: fairseq calls no plugin code before it
 launches its workers, so nothing else could stop a launch that trains nothing. The same wrapper prints
-this package's own bad-input errors (:class:`~fairseq_imitkd.errors.ImitKDError`) as one line.
+this package's own bad-input errors (:class:`~fairseq_imitkd.errors.ImitKDError`) as one line, and
+ends fairseq's prefetch threads when training returns (:mod:`~fairseq_imitkd.prefetch`).
 """
 import logging
 import os
@@ -30,6 +31,7 @@ import torch
 from omegaconf import open_dict
 
 from .errors import ImitKDError
+from .prefetch import stop_prefetch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +102,15 @@ class LaunchError(ImitKDError):
 
 
 def guarded_call_main(cfg, main, **kwargs):
-    """fairseq's ``call_main``, after :func:`check_launch`; this package's errors end the run in one line."""
+    """fairseq's ``call_main``, after :func:`check_launch`; this package's errors end the run in one line,
+    and no prefetch thread is left to abort the process at exit (:mod:`~fairseq_imitkd.prefetch`)."""
     try:
         check_launch(cfg)
         return _fairseq_call_main(cfg, main, **kwargs)
     except ImitKDError as e:
         raise SystemExit(f"{type(e).__name__}: {e}") from None
+    finally:
+        stop_prefetch_threads()
 
 
 _fairseq_call_main = None

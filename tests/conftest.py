@@ -57,6 +57,8 @@ def fairseq_train(*args) -> None:
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq_cli import train
 
+    from fairseq_imitkd.prefetch import stop_prefetch_threads
+
     # fairseq keeps the best validation score on a function attribute; in one process it would leak
     # from one training run into the next and stop checkpoint_best.pt from being written.
     if hasattr(checkpoint_utils.save_checkpoint, "best"):
@@ -67,6 +69,7 @@ def fairseq_train(*args) -> None:
     try:
         train.main(convert_namespace_to_omegaconf(parsed))
     finally:
+        stop_prefetch_threads()  # as fairseq-train does with the plugin (train.main skips call_main)
         # fairseq adds a --log-file handler per run (and per epoch) and never removes it: in one process,
         # later runs would keep writing into this run's log
         for lg in _all_loggers():
