@@ -23,6 +23,7 @@ launches its workers, so nothing else could stop a launch that trains nothing. T
 this package's own bad-input errors (:class:`~fairseq_imitkd.errors.ImitKDError`) as one line, and
 ends fairseq's prefetch threads when training returns (:mod:`~fairseq_imitkd.prefetch`).
 """
+import functools
 import logging
 import os
 from typing import Mapping, Optional
@@ -103,12 +104,19 @@ class LaunchError(ImitKDError):
 
 def guarded_call_main(cfg, main, **kwargs):
     """fairseq's ``call_main``, after :func:`check_launch`; this package's errors end the run in one line,
-    and no prefetch thread is left to abort the process at exit (:mod:`~fairseq_imitkd.prefetch`)."""
+    and no prefetch thread is left to abort a training process at exit (:mod:`~fairseq_imitkd.prefetch`)."""
     try:
         check_launch(cfg)
-        return _fairseq_call_main(cfg, main, **kwargs)
+        # main runs in this process, or in each process fairseq spawns (one per GPU): a picklable wrapper
+        return _fairseq_call_main(cfg, functools.partial(main_then_stop_prefetch, main), **kwargs)
     except ImitKDError as e:
         raise SystemExit(f"{type(e).__name__}: {e}") from None
+
+
+def main_then_stop_prefetch(main, *args, **kwargs):
+    """``main(*args, **kwargs)``, then :func:`~fairseq_imitkd.prefetch.stop_prefetch_threads`."""
+    try:
+        return main(*args, **kwargs)
     finally:
         stop_prefetch_threads()
 

@@ -1,10 +1,19 @@
 """fairseq's prefetch threads end before exit, however far the epoch got (see fairseq_imitkd/prefetch.py)."""
+import atexit
+import functools
+import os
+import socket
 import threading
 import time
 
 import pytest
+import torch
 from fairseq.data.iterators import BackgroundConsumer, BufferedIterator
+from fairseq import options
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.distributed import utils as distributed_utils
 
+from fairseq_imitkd import distributed
 from fairseq_imitkd.prefetch import stop_prefetch_threads
 
 
@@ -44,3 +53,29 @@ def test_a_finished_epoch_is_left_as_it_was():
     itr = BufferedIterator(4, SlowBatches(3, 0.0))
     assert list(itr) == [0, 1, 2]
     assert stop_prefetch_threads(timeout=5.0) == 0 and not _consumers()
+
+
+def _train_stopped_mid_epoch(cfg):
+    """A training ``main`` that returns while its prefetch thread is still collating the epoch."""
+    itr = BufferedIterator(2, SlowBatches(1000, 0.005))
+    next(itr)
+    atexit.register(_exit_3_if_still_prefetching)  # runs after main, before the interpreter finalizes
+
+
+def _exit_3_if_still_prefetching():
+    if _consumers():
+        os._exit(3)
+
+
+def test_each_process_fairseq_spawns_ends_its_prefetch_threads():
+    """fairseq's route for several GPUs: call_main spawns one process per device, each running
+    distributed_main, which calls main; here one CPU process with gloo (the route itself needs GPUs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    args = options.parse_args_and_arch(options.get_training_parser(), [
+        "unused-data-dir", "--arch", "transformer", "--cpu", "--distributed-backend", "gloo",
+        "--distributed-world-size", "1", "--distributed-init-method", init])
+    cfg = convert_namespace_to_omegaconf(args)  # as fairseq-train makes it
+    main = functools.partial(distributed.main_then_stop_prefetch, _train_stopped_mid_epoch)
+    torch.multiprocessing.spawn(fn=distributed_utils.distributed_main, args=(main, cfg, {}), nprocs=1)
