@@ -57,7 +57,7 @@ def fairseq_train(*args) -> None:
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq_cli import train
 
-    from fairseq_imitkd.prefetch import stop_prefetch_threads
+    from fairseq_imitkd.distributed import main_then_stop_prefetch
 
     # fairseq keeps the best validation score on a function attribute; in one process it would leak
     # from one training run into the next and stop checkpoint_best.pt from being written.
@@ -67,9 +67,9 @@ def fairseq_train(*args) -> None:
     parsed = options.parse_args_and_arch(parser, ["--user-dir", USER_DIR, *[str(a) for a in args]])
     before = {id(lg): list(lg.handlers) for lg in _all_loggers()}
     try:
-        train.main(convert_namespace_to_omegaconf(parsed))
+        # as fairseq-train runs it with the plugin (calling train.main here skips call_main)
+        main_then_stop_prefetch(train.main, convert_namespace_to_omegaconf(parsed))
     finally:
-        stop_prefetch_threads()  # as fairseq-train does with the plugin (train.main skips call_main)
         # fairseq adds a --log-file handler per run (and per epoch) and never removes it: in one process,
         # later runs would keep writing into this run's log
         for lg in _all_loggers():

@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-from fairseq.data.iterators import BackgroundConsumer, BufferedIterator
 from fairseq import options
+from fairseq.data.iterators import BackgroundConsumer, BufferedIterator
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.distributed import utils as distributed_utils
 
