@@ -33,6 +33,7 @@ from omegaconf import open_dict
 
 from .errors import ImitKDError
 from .prefetch import stop_prefetch_threads
+from .repairs import apply_to_config as repair_config
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +104,11 @@ class LaunchError(ImitKDError):
 
 
 def guarded_call_main(cfg, main, **kwargs):
-    """fairseq's ``call_main``, after :func:`check_launch`; this package's errors end the run in one line,
+    """fairseq's ``call_main``, after the config repairs (:mod:`~fairseq_imitkd.repairs`) and
+    :func:`check_launch`; this package's errors end the run in one line,
     and no prefetch thread is left to abort a training process at exit (:mod:`~fairseq_imitkd.prefetch`)."""
     try:
+        repair_config(cfg)
         check_launch(cfg)
         # main runs in this process, or in each process fairseq spawns (one per GPU): a picklable wrapper
         return _fairseq_call_main(cfg, functools.partial(main_then_stop_prefetch, main), **kwargs)

@@ -129,13 +129,31 @@ def _greedy(lprobs: Tensor, cum_scores: Tensor, step: int) -> Tensor:
     return torch.topk(cand, k=min(2, cand.size(1) - 1), dim=1)[1][:, 0]
 
 
-def _sample(lprobs: Tensor, topk: int) -> Tensor:
-    """Draw one token per row, as ``search.Sampling`` does at beam 1 (same draws per seed)."""
+def _drawable(probs: Tensor, column: int = 0) -> Tensor:
+    """``probs`` with every row that has no positive finite mass replaced by a one-hot on ``column``.
+
+    A half-precision overflow gives NaN/inf logits (the generation rules turn NaN into -inf), and
+    ``torch.multinomial`` rejects such a row: on CPU with an exception, on CUDA with a device-side
+    assert that kills the CUDA context and the run. A ``where``, not a test: no host sync. Valid rows
+    are untouched, so their draws stay those of ``search.Sampling``.
+    """
+    total = probs.sum(dim=1, keepdim=True)
+    bad = ~(torch.isfinite(total) & (total > 0))
+    onehot = torch.zeros_like(probs)
+    onehot[:, column] = 1.0
+    return torch.where(bad, onehot, probs)
+
+
+def _sample(lprobs: Tensor, topk: int, eos: int = 0) -> Tensor:
+    """Draw one token per row, as ``search.Sampling`` does at beam 1 (same draws per seed).
+
+    A row with nothing to draw from (:func:`_drawable`) takes its first top-k candidate, or ``eos``
+    (which ends it) when sampling from the full distribution."""
     if topk > 0:
         top_lprobs, top_idx = lprobs.topk(min(topk, lprobs.size(1)), dim=1)
-        choice = torch.multinomial(top_lprobs.exp(), 1, replacement=True)
+        choice = torch.multinomial(_drawable(top_lprobs.exp()), 1, replacement=True)
         return top_idx.gather(1, choice).squeeze(1)
-    return torch.multinomial(lprobs.exp(), 1, replacement=True).squeeze(1)
+    return torch.multinomial(_drawable(lprobs.exp(), eos), 1, replacement=True).squeeze(1)
 
 
 def _advance_scores(cum_scores: Tensor, lprobs: Tensor, chosen: Tensor, step: int) -> Tensor:
@@ -273,7 +291,7 @@ def _decode(
             if sampling == "greedy":
                 actions["student"] = _greedy(masked["student"], cum["student"], step)
             else:
-                actions["student"] = _sample(masked["student"], topk)
+                actions["student"] = _sample(masked["student"], topk, eos)
         if teachers:
             ens, enc, states = policies["teacher"]
             lp, _ = ens.forward_decoder(prefix, enc, states, 1.0)
@@ -284,7 +302,7 @@ def _decode(
             if teacher_prob > 0.0:
                 masked["teacher"] = apply_generation_rules(lp.clone(), step, min_len, max_len, eos, pad)
                 if teacher_sample:
-                    actions["teacher"] = _sample(masked["teacher"], 0)
+                    actions["teacher"] = _sample(masked["teacher"], 0, eos)
                 else:
                     actions["teacher"] = _greedy(masked["teacher"], cum["teacher"], step)
 

@@ -58,6 +58,7 @@ def fairseq_train(*args) -> None:
     from fairseq_cli import train
 
     from fairseq_imitkd.distributed import main_then_stop_prefetch
+    from fairseq_imitkd.repairs import apply_to_config
 
     # fairseq keeps the best validation score on a function attribute; in one process it would leak
     # from one training run into the next and stop checkpoint_best.pt from being written.
@@ -65,10 +66,12 @@ def fairseq_train(*args) -> None:
         del checkpoint_utils.save_checkpoint.best
     parser = options.get_training_parser()
     parsed = options.parse_args_and_arch(parser, ["--user-dir", USER_DIR, *[str(a) for a in args]])
+    cfg = convert_namespace_to_omegaconf(parsed)
+    apply_to_config(cfg)  # as the plugin's call_main does
     before = {id(lg): list(lg.handlers) for lg in _all_loggers()}
     try:
         # as fairseq-train runs it with the plugin (calling train.main here skips call_main)
-        main_then_stop_prefetch(train.main, convert_namespace_to_omegaconf(parsed))
+        main_then_stop_prefetch(train.main, cfg)
     finally:
         # fairseq adds a --log-file handler per run (and per epoch) and never removes it: in one process,
         # later runs would keep writing into this run's log
