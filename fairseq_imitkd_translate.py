@@ -16,6 +16,8 @@ logger = logging.getLogger("imitkd-translate")
 SPM_NAME = "spm.model"  # what imitkd-export copies beside the weights
 MANIFEST = "imitkd_export.json"  # what imitkd-export records beside the weights
 CPU_INT8 = ("int8", "int8_float32")  # the CPU int8 types, the only ones a narrower weight range is for
+#: what CTranslate2 computes on CPU for the int8 types with half-precision activations (none on CPU)
+CPU_EQUIVALENT = {"int8_float16": "int8", "int8_bfloat16": "int8"}
 SATURATION_HINT = ("this CPU has AVX2 but no VNNI, where CTranslate2's int8 products are summed in pairs into int16 "
                    "and can saturate with 8-bit weights (on Multi30k students: up to 1.8 BLEU lost); 7-bit weights "
                    "avoid it at the same speed")
@@ -45,6 +47,8 @@ def _warn_if_int8_saturates(args: argparse.Namespace) -> None:
     with open(manifest) as f:
         exported = json.load(f)
     compute = exported.get("quantization") if args.compute_type == "default" else args.compute_type
+    # CTranslate2 has no float16 on CPU: a GPU export (int8_float16, int8_bfloat16) runs there as int8
+    compute = CPU_EQUIVALENT.get(compute, compute)
     if int8_saturates_here(compute, exported.get("int8_weight_bits")):
         logger.warning("%s: re-export with imitkd-export --int8-weight-bits 7", SATURATION_HINT)
 

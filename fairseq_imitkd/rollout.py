@@ -24,7 +24,7 @@ import torch
 from fairseq.sequence_generator import EnsembleModel
 from torch import Tensor, nn
 
-from .scoring import attention_backends
+from .scoring import attention_backends, outside_autocast
 from .teacher import TeacherBase, check_same_dictionary
 
 STRATEGIES = ("greedy", "topk")
@@ -267,7 +267,8 @@ def _decode(
         policies["student"] = [ens, ens.forward_encoder(net_input), [{}]]
     if teachers:
         ens = EnsembleModel(teachers)
-        policies["teacher"] = [ens, ens.forward_encoder(net_input), [{} for _ in teachers]]
+        with outside_autocast(device):  # the teacher's own dtype, also under --amp
+            policies["teacher"] = [ens, ens.forward_encoder(net_input), [{} for _ in teachers]]
 
     # Working buffers hold only unfinished rows; ``rows`` maps them to the batch.
     work = src_tokens.new_full((bsz, max_len + 2), pad)
@@ -294,7 +295,8 @@ def _decode(
                 actions["student"] = _sample(masked["student"], topk, eos)
         if teachers:
             ens, enc, states = policies["teacher"]
-            lp, _ = ens.forward_decoder(prefix, enc, states, 1.0)
+            with outside_autocast(device):
+                lp, _ = ens.forward_decoder(prefix, enc, states, 1.0)
             lp = lp.float()
             t_argmax[rows, step] = lp.argmax(dim=1)
             if keep_teacher_lprobs:

@@ -30,6 +30,17 @@ def attention_backends(device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def outside_autocast(device):
+    """Run a teacher's pass in the dtype ``--teacher-fp16/--teacher-bf16`` set, also under ``--amp``.
+
+    fairseq's ``--amp`` wraps the whole criterion in CUDA autocast, which would run a float32 teacher's
+    matrix products in float16 and a bfloat16 teacher's in float16: the teacher's precision would be
+    the student's optimizer setting, not the teacher's own. The teacher's inputs are token ids, so
+    turning autocast off for its pass needs no casts.
+    """
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def scored_log_probs(model, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor,
                      mask: Tensor) -> Tensor:
     """``(N, V)`` log-probabilities of ``model`` at the ``N`` positions where ``mask`` is True.

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .checkpoint_loading import config_value, read_fairseq_checkpoint
 from .errors import ImitKDError
-from .scoring import scored_log_probs
+from .scoring import outside_autocast, scored_log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +225,10 @@ class Teacher(TeacherBase):
     @torch.no_grad()
     def log_probs(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor, mask: Tensor,
                   ids: Optional[Tensor] = None) -> Tensor:
-        out = [
-            scored_log_probs(m, src_tokens, src_lengths, prev_output_tokens, mask).float() for m in self.models
-        ]
+        with outside_autocast(src_tokens.device):
+            out = [
+                scored_log_probs(m, src_tokens, src_lengths, prev_output_tokens, mask).float() for m in self.models
+            ]
         if len(out) == 1:
             return out[0]
         return torch.logsumexp(torch.stack(out), dim=0) - math.log(len(out))

@@ -19,6 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "fairseq_imitkd")
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); `pytest -m cuda` runs them")
+
 logging.getLogger().setLevel(logging.INFO)  # fairseq's --log-file records INFO lines (train_inner, valid)
 
 # A toy "translation": the target copies the source through a fixed symbol map, then reverses it.

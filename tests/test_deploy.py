@@ -120,6 +120,9 @@ def test_translate_warns_about_8_bit_int8_weights_only_where_the_cpu_saturates(t
         (8, "int8", "default", True, True), (7, "int8", "default", True, False),
         (8, "int8", "default", False, False), (None, "float32", "default", True, False),
         (8, "int8", "float32", True, False),  # int8 weights computed in float32: no int8 products
+        # a GPU export deployed on CPU: CTranslate2 has no float16 there and computes int8
+        (8, "int8_float16", "default", True, True), (8, "int8", "int8_bfloat16", True, True),
+        (8, "int8_float16", "default", False, False),
     ]:
         (model / "imitkd_export.json").write_text(json.dumps({"quantization": quantization, "int8_weight_bits": bits}))
         monkeypatch.setattr(translate, "cpu_int8_saturates", lambda saturates=saturates: saturates)

@@ -440,3 +440,19 @@ def test_every_strategy_the_criterion_offers_decodes(teacher, tgt_dict, batch, s
     src_tokens, src_lengths = batch
     check_layout(rollout(teacher, src_tokens, src_lengths, sampling=sampling, max_len_b=6),
                  tgt_dict.eos(), tgt_dict.pad())
+
+
+# --------------------------------------------------------------------------- CUDA (pytest -m cuda)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_greedy_on_cuda_matches_sequence_generator_on_cuda(teacher, tgt_dict, batch, dtype):
+    model = copy.deepcopy(teacher).to(device="cuda", dtype=dtype)
+    src_tokens, src_lengths = (t.cuda() for t in batch)
+    reference = [r.cpu() for r in sequence_generator([model], tgt_dict, src_tokens, src_lengths)]
+    ro = rollout(model, src_tokens, src_lengths)
+    assert ro.tokens.is_cuda
+    assert_same_as(Rollout(tokens=ro.tokens.cpu(), prev_output_tokens=ro.prev_output_tokens.cpu(),
+                           lengths=ro.lengths.cpu()), reference)

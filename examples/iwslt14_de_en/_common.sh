@@ -4,6 +4,7 @@
 # Environment:
 #   IMITKD_WORK   where every output goes (default: work/ beside this file)
 #   IMITKD_SMOKE  1 = tiny everything (1000 training lines, tiny models, 20 updates, CPU): a plumbing check
+#   IMITKD_SMOKE_DEVICE  cuda = the smoke settings on the GPU instead of the CPU (default cpu)
 #   TEACHER       teacher checkpoint(s), a.pt[:b.pt] (default: $IMITKD_WORK/checkpoints/teacher/checkpoint_best.pt)
 #   TEACHER_DATA  folder with the teacher's own dict.{de,en}.txt, if the checkpoint's recorded data folder is gone
 #   MAX_UPDATE    update budget of every student (default 80000; smoke 20)
@@ -23,8 +24,10 @@ SEQKD_DIR="$WORK/seqkd"    # seq-KD / Seq-Inter corpora (fairseq data directorie
 LOGS="$WORK/logs"
 RESULTS="$WORK/results"
 
+SMOKE_CPU=()  # --cpu for the smoke settings, unless IMITKD_SMOKE_DEVICE=cuda
 if [ "$SMOKE" = 1 ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+  [ "${IMITKD_SMOKE_DEVICE:-cpu}" = cuda ] || SMOKE_CPU=(--cpu)
 fi
 
 # die, log, need_cmd, need_py, teacher_path, need_teacher, teacher_data_args

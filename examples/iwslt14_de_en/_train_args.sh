@@ -9,9 +9,9 @@ TRAIN_ARGS=(
   --seed 1 --no-epoch-checkpoints --log-format simple --log-interval 100
 )
 if [ "$SMOKE" = 1 ]; then
-  # tiny: CPU, small batches (20 updates stay within one epoch: one validation), short validation decodes
+  # tiny: CPU (unless IMITKD_SMOKE_DEVICE=cuda), small batches (20 updates stay within one epoch: one validation), short validation decodes
   EVAL_BLEU_ARGS='{"beam": 1, "max_len_a": 0, "max_len_b": 25}'
-  TRAIN_ARGS+=(--cpu --max-tokens 1024 --warmup-updates 10 --num-workers 0 --log-interval 10)
+  TRAIN_ARGS+=("${SMOKE_CPU[@]}" --max-tokens 1024 --warmup-updates 10 --num-workers 0 --log-interval 10)
 fi
 TRAIN_ARGS+=(
   --eval-bleu --eval-bleu-args "$EVAL_BLEU_ARGS" --eval-bleu-remove-bpe sentencepiece

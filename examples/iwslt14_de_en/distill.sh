@@ -41,7 +41,7 @@ mapfile -t TDATA < <(teacher_data_args)
 
 if [ "$SMOKE" = 1 ]; then
   STUDENT=transformer_student_tiny MAX_UPDATE=20 SEQKD_BEAM=2
-  GEN_LEN=(--max-len-a 0 --max-len-b 25) ROLLOUT_LEN=(--imitkd-max-len-a 0 --imitkd-max-len-b 25) DEVICE=(--cpu)
+  GEN_LEN=(--max-len-a 0 --max-len-b 25) ROLLOUT_LEN=(--imitkd-max-len-a 0 --imitkd-max-len-b 25) DEVICE=("${SMOKE_CPU[@]}")
 else
   STUDENT=transformer_student_iwslt MAX_UPDATE="${MAX_UPDATE:-80000}" SEQKD_BEAM="${SEQKD_BEAM:-5}"
   GEN_LEN=() ROLLOUT_LEN=(--imitkd-max-len-a 0 --imitkd-max-len-b 125) DEVICE=()

@@ -58,7 +58,7 @@ if [ "$TEACHER_TOO" = 1 ]; then
 fi
 
 OPTS=()
-if [ "$SMOKE" = 1 ]; then OPTS=(--cpu --max-len-a 0 --max-len-b 25); fi
+if [ "$SMOKE" = 1 ]; then OPTS=("${SMOKE_CPU[@]}" --max-len-a 0 --max-len-b 25); fi
 run_logged "$LOGS/evaluate.log" python "$RECIPE/scripts/evaluate.py" --data "$DATA_BIN" --refs "$TEXT/test.raw.$TGT" \
   --meta "$TEXT/meta.json" --out "$RESULTS" --user-dir "$(user_dir)" --beams 1,5 --batch-size 128 "${OPTS[@]}" \
   "${SYSTEMS[@]}"

@@ -394,7 +394,6 @@ def build(args) -> dict:
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         teacher = load_teacher(args.teacher_path, args.teacher_data, args.source_lang, args.target_lang,
                                task.source_dictionary, task.target_dictionary)  # checks the embedding rows, freezes
-        teacher.to(device=device, dtype=torch.float16 if args.fp16 else None)
         max_positions = utils.resolve_max_positions(task.max_positions(), *[m.max_positions() for m in teacher.models])
         _check_lengths(dataset, n, max_positions)
         gen_cfg = GenerationConfig(beam=args.beam, nbest=args.nbest, max_len_a=args.max_len_a,
@@ -405,8 +404,9 @@ def build(args) -> dict:
                                        cuda, settings["ct2_compute_type"], args.ct2_vmap,
                                        args.ct2_int8_weight_bits, args.ct2_max_batch_size)
             cuda = False  # CTranslate2 takes the batch from CPU tensors
-            del teacher  # only checked above; CTranslate2 holds its own copy of the weights
+            del teacher  # only checked above, on CPU; CTranslate2 holds its own copy of the weights
         else:
+            teacher.to(device=device, dtype=torch.float16 if args.fp16 else None)
             engine = FairseqEngine(task, teacher, gen_cfg, cuda)
         scorer = None
         if args.select == "sentence-bleu":

@@ -95,8 +95,11 @@ class CTranslate2Engine:
         model_dir = os.path.join(self._tmp.name, "teacher")
         export(teacher_path, model_dir, data=data, quantization=compute_type, source_lang=source_lang,
                target_lang=target_lang, vmap=vmap, int8_weight_bits=int8_weight_bits)
-        self.translator = ctranslate2.Translator(model_dir, device=self.device, compute_type=compute_type,
-                                                 inter_threads=1, intra_threads=self.threads)
+        # the GPU torch uses (CUDA_VISIBLE_DEVICES, torch.cuda.set_device), not CTranslate2's default GPU 0
+        self.device_index = torch.cuda.current_device() if use_cuda else 0
+        self.translator = ctranslate2.Translator(model_dir, device=self.device, device_index=self.device_index,
+                                                 compute_type=compute_type, inter_threads=1,
+                                                 intra_threads=self.threads)
         logger.info("teacher converted to CTranslate2 (%s, %s)", compute_type, self.device_name())
         if not use_cuda and int8_saturates_here(compute_type, int8_weight_bits):
             logger.warning("%s: pass --ct2-int8-weight-bits 7", SATURATION_HINT)
@@ -105,7 +108,8 @@ class CTranslate2Engine:
         vmap = ", vmap" if self.use_vmap else ""
         bits = f", {self.bits}-bit weights" if self.bits != 8 else ""
         sub = f", sub-batches of {self.max_batch_size}" if self.max_batch_size else ""
-        return f"{self.device} (ctranslate2 {self.compute_type}{bits}{vmap}{sub}, {self.threads} threads)"
+        device = f"cuda:{self.device_index}" if self.device == "cuda" else self.device
+        return f"{device} (ctranslate2 {self.compute_type}{bits}{vmap}{sub}, {self.threads} threads)"
 
     def nbest(self, sample) -> List[List[torch.Tensor]]:
         src = sample["net_input"]["src_tokens"]
