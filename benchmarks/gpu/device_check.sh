@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# One unattended check of every GPU path: the CUDA tests, the GPU speed benchmarks, and the IWSLT14
+# recipe's smoke settings on the GPU. Writes its evidence under $OUT (default ./gpu-check-out):
+#   summary.json   every step's exit code and seconds, the device, torch, CUDA and driver versions
+#   pytest.log, pytest.xml   `pytest -m cuda` (verbose, with skip reasons), and its JUnit report
+#   update_speed.json, rollout_speed.json   the speed benchmarks on this GPU
+#   logs.tar.gz    the setup, benchmark and recipe logs
+# Run from the repository root on a machine with a CUDA torch. Where fairseq is not installed, it
+# installs what benchmarks/gpu/carry.sh packed into .devcarry/ (no registry needed). Budget: about
+# 8 minutes on one H200; STEP_LIMIT_* (seconds) bound each step.
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$REPO"
+OUT="${OUT:-$REPO/gpu-check-out}"
+mkdir -p "$OUT"
+LOGS="$(mktemp -d)"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+SECONDS=0
+declare -A RC DUR
+
+step() {  # step NAME LIMIT CMD...: run, log to $LOGS/NAME.log, record exit code and seconds
+  local name="$1" limit="$2"; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s) at ${t0}s" | tee -a "$LOGS/steps.log"
+  timeout --kill-after=10 "$limit" bash -o pipefail -c "$*" > "$LOGS/$name.log" 2>&1
+  RC[$name]=$?
+  DUR[$name]=$((SECONDS - t0))
+  echo "== $name: exit ${RC[$name]} after ${DUR[$name]}s" | tee -a "$LOGS/steps.log"
+  tail -n 5 "$LOGS/$name.log"
+}
+
+setup() {
+  local shared="$REPO/../shared"
+  if ! python3 -c "import fairseq" 2>/dev/null; then
+    [ -f .devcarry/site.tar.xz ] || { echo "no fairseq and no .devcarry/site.tar.xz: run benchmarks/gpu/carry.sh"; return 1; }
+    local site
+    site="$(python3 -c 'import site; print(site.getsitepackages()[0])')"
+    tar xJf .devcarry/site.tar.xz -C "$site" || return 1
+    # console scripts of the unpacked packages (pip would have written them)
+    local bin
+    bin="$(dirname "$(command -v python3)")"
+    for ep in "$site"/ve_fairseq-*.dist-info/entry_points.txt; do
+      sed -n 's/^\(fairseq-[a-z-]*\) = \([a-z_.]*\):\([a-z_]*\)$/\1 \2 \3/p' "$ep" | while read -r name mod fn; do
+        printf '#!%s\nimport sys\nfrom %s import %s\nsys.exit(%s())\n' "$(command -v python3)" "$mod" "$fn" "$fn" \
+          > "$bin/$name"
+        chmod +x "$bin/$name"
+      done
+    done
+  fi
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || return 1
+  if [ ! -d "$shared/teachers/multi30k_de_en" ] && [ -d .devcarry/teacher ]; then
+    mkdir -p "$shared/teachers/multi30k_de_en" "$shared/data"
+    tar xJf .devcarry/data.tar.xz -C "$shared/data" || return 1
+    cp .devcarry/teacher/dict.* .devcarry/teacher/spm.model .devcarry/teacher/README.md "$shared/teachers/multi30k_de_en/"
+    python3 - "$REPO/.devcarry/teacher/checkpoint_fp16.pt" "$shared/teachers/multi30k_de_en/checkpoint.pt" <<'PY'
+import argparse, sys
+import torch
+torch.serialization.add_safe_globals([argparse.Namespace])
+state = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+state["model"] = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
+torch.save(state, sys.argv[2])
+PY
+  fi
+  python3 -c "import fairseq, fairseq_imitkd, torch; print('fairseq', fairseq.__version__, 'torch', torch.__version__)"
+}
+
+environment() {
+  python3 - "$OUT/environment.json" <<'PY'
+import json, platform, subprocess, sys
+import torch
+info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(), "cuda_available": torch.cuda.is_available()}
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    info.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1))
+try:
+    info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True).stdout.strip()
+except OSError:
+    info["driver"] = None
+for name in ("fairseq", "ctranslate2", "sacrebleu", "numpy"):
+    try:
+        info[name] = __import__(name).__version__
+    except Exception as e:  # noqa: BLE001  (record what is missing, do not stop)
+        info[name] = f"unavailable: {e}"
+try:
+    import ctranslate2
+    info["ctranslate2_cuda_devices"] = ctranslate2.get_cuda_device_count()
+except Exception as e:  # noqa: BLE001
+    info["ctranslate2_cuda_devices"] = f"unavailable: {e}"
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(info))
+PY
+}
+
+speed() {
+  local engine=()
+  if python3 benchmarks/update_speed.py --help 2>/dev/null | grep -q -- "--engine"; then engine=(--engine both); fi
+  python3 benchmarks/rollout_speed.py --device cuda "${engine[@]}" --out "$OUT/rollout_speed.json" || return 1
+  python3 benchmarks/update_speed.py --device cuda --batches "${SPEED_BATCHES:-20}" "${engine[@]}" \
+    --workdir /tmp/imitkd-bench --out "$OUT/update_speed.json"
+}
+
+cuda_tests() {
+  local workers=()
+  python3 -c "import xdist" 2>/dev/null && workers=(-n "${PYTEST_WORKERS:-6}")
+  OMP_NUM_THREADS=1 python3 -m pytest -m cuda tests -v -rs "${workers[@]}" -p no:cacheprovider \
+    --junitxml "$OUT/pytest.xml"
+}
+
+iwslt14_smoke() {
+  IMITKD_SMOKE=1 IMITKD_SMOKE_DEVICE=cuda IMITKD_WORK=/tmp/iwslt14-smoke \
+    bash examples/iwslt14_de_en/run_all.sh --local "$REPO/../shared/data/iwslt14_sample"
+}
+
+export REPO OUT
+export -f setup environment speed cuda_tests iwslt14_smoke
+step setup "${STEP_LIMIT_SETUP:-120}" setup
+step environment 60 environment
+step speed "${STEP_LIMIT_SPEED:-170}" speed
+# the tests and the recipe do not time anything: they share the GPU and the CPUs
+step cuda_tests "${STEP_LIMIT_TESTS:-270}" cuda_tests &
+TESTS=$!
+step iwslt14_smoke "${STEP_LIMIT_SMOKE:-270}" iwslt14_smoke &
+SMOKE=$!
+wait $TESTS $SMOKE
+for name in cuda_tests iwslt14_smoke; do  # their records were made in subshells: read them back from the log
+  line="$(grep "^== $name: exit" "$LOGS/steps.log" | tail -1)"
+  RC[$name]="$(echo "$line" | sed 's/.*exit \([0-9]*\) after.*/\1/')"
+  DUR[$name]="$(echo "$line" | sed 's/.* after \([0-9]*\)s/\1/')"
+done
+cp "$LOGS/cuda_tests.log" "$OUT/pytest.log" 2>/dev/null
+cp /tmp/iwslt14-smoke/results/*.md "$LOGS/" 2>/dev/null
+
+python3 - "$OUT/summary.json" "$SECONDS" <<PY
+import json, sys
+steps = {}
+for name, rc, sec in [$(for k in "${!RC[@]}"; do printf '("%s", "%s", "%s"),' "$k" "${RC[$k]}" "${DUR[$k]}"; done)]:
+    steps[name] = {"exit": int(rc) if rc.isdigit() else rc, "seconds": int(sec) if sec.isdigit() else sec}
+try:
+    env = json.load(open("$OUT/environment.json"))
+except Exception:  # noqa: BLE001
+    env = None
+json.dump({"steps": steps, "total_seconds": int(sys.argv[2]), "environment": env}, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(steps))
+PY
+tar czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
+echo "device_check: done in ${SECONDS}s; evidence in $OUT"
