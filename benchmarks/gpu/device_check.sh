@@ -7,7 +7,8 @@
 #   logs.tar.gz    the setup, benchmark and recipe logs
 # Run from the repository root on a machine with a CUDA torch. Where fairseq is not installed, it
 # installs what benchmarks/gpu/carry.sh packed into .devcarry/ (no registry needed). Budget: about
-# 8 minutes on one H200; STEP_LIMIT_* (seconds) bound each step.
+# 8 minutes on one H200; STEP_LIMIT_* (seconds) bound each step; STEPS="cuda_tests ..." runs a subset;
+# PYTEST_ARGS adds pytest options (a -k selection for a rerun, say).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$REPO"
@@ -18,8 +19,10 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 SECONDS=0
 declare -A RC DUR
 
+STEPS="${STEPS:-setup environment speed cuda_tests iwslt14_smoke}"  # a subset reruns only those (setup always runs)
 step() {  # step NAME LIMIT CMD...: run, log to $LOGS/NAME.log, record exit code and seconds
   local name="$1" limit="$2"; shift 2
+  case " setup $STEPS " in *" $name "*) ;; *) echo "== $name: skipped (STEPS)" | tee -a "$LOGS/steps.log"; return 0 ;; esac
   local t0=$SECONDS
   echo "== $name (limit ${limit}s) at ${t0}s" | tee -a "$LOGS/steps.log"
   timeout --kill-after=10 "$limit" bash -o pipefail -c "$*" > "$LOGS/$name.log" 2>&1
@@ -105,7 +108,7 @@ cuda_tests() {
   local workers=()
   python3 -c "import xdist" 2>/dev/null && workers=(-n "${PYTEST_WORKERS:-6}")
   OMP_NUM_THREADS=1 python3 -m pytest -m cuda tests -v -rs "${workers[@]}" -p no:cacheprovider \
-    --junitxml "$OUT/pytest.xml"
+    --junitxml "$OUT/pytest.xml" ${PYTEST_ARGS:-}
 }
 
 iwslt14_smoke() {
@@ -126,6 +129,7 @@ SMOKE=$!
 wait $TESTS $SMOKE
 for name in cuda_tests iwslt14_smoke; do  # their records were made in subshells: read them back from the log
   line="$(grep "^== $name: exit" "$LOGS/steps.log" | tail -1)"
+  [ -n "$line" ] || continue
   RC[$name]="$(echo "$line" | sed 's/.*exit \([0-9]*\) after.*/\1/')"
   DUR[$name]="$(echo "$line" | sed 's/.* after \([0-9]*\)s/\1/')"
 done
