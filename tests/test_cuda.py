@@ -73,6 +73,7 @@ def test_teacher_cache_builds_and_trains(toy_data, teacher, tmp_path):
     cache = tmp_path / "cache"
     summary = build(str(toy_data), str(cache), str(teacher), 4, ["train", "valid"], chunk_sentences=500, cpu=False)
     assert summary["splits"]["train"]["sentences"] == 2000
+    (tmp_path / "run").mkdir()
     rows = train_a_few_updates(toy_data, teacher, tmp_path / "run", "word_kd", "fp16", "fp32", device="cuda",
                                extra=["--kd-teacher-cache", cache])
     assert all(math.isfinite(float(r["kd_loss"])) for r in rows)

@@ -33,24 +33,8 @@ step() {  # step NAME LIMIT CMD...: run, log to $LOGS/NAME.log, record exit code
 }
 
 setup() {
-  local shared="$REPO/../shared"
-  if ! python3 -c "import fairseq" 2>/dev/null; then
-    [ -f .devcarry/site.tar.xz ] || { echo "no fairseq and no .devcarry/site.tar.xz: run benchmarks/gpu/carry.sh"; return 1; }
-    local site
-    site="$(python3 -c 'import site; print(site.getsitepackages()[0])')"
-    tar xJf .devcarry/site.tar.xz -C "$site" || return 1
-    # console scripts of the unpacked packages (pip would have written them)
-    local bin
-    bin="$(dirname "$(command -v python3)")"
-    for ep in "$site"/ve_fairseq-*.dist-info/entry_points.txt; do
-      sed -n 's/^\(fairseq-[a-z-]*\) = \([a-z_.]*\):\([a-z_]*\)$/\1 \2 \3/p' "$ep" | while read -r name mod fn; do
-        printf '#!%s\nimport sys\nfrom %s import %s\nsys.exit(%s())\n' "$(command -v python3)" "$mod" "$fn" "$fn" \
-          > "$bin/$name"
-        chmod +x "$bin/$name"
-      done
-    done
-  fi
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || return 1
+  local shared="$REPO/../shared" site
+  site="$(python3 -c 'import site; print(site.getsitepackages()[0])')"
   if [ ! -d "$shared/teachers/multi30k_de_en" ] && [ -d .devcarry/teacher ]; then
     mkdir -p "$shared/teachers/multi30k_de_en" "$shared/data"
     tar xJf .devcarry/data.tar.xz -C "$shared/data" || return 1
@@ -64,7 +48,33 @@ state["model"] = {k: v.float() if v.is_floating_point() else v for k, v in state
 torch.save(state, sys.argv[2])
 PY
   fi
-  python3 -c "import fairseq, fairseq_imitkd, torch; print('fairseq', fairseq.__version__, 'torch', torch.__version__)"
+  if ! python3 -c "import fairseq" 2>/dev/null; then
+    [ -f .devcarry/site.tar.xz ] || { echo "no fairseq and no .devcarry/site.tar.xz: run benchmarks/gpu/carry.sh"; return 1; }
+    tar xJf .devcarry/site.tar.xz -C "$site" || return 1
+  fi
+  if ! python3 -c "import fairseq_imitkd_user_dir" 2>/dev/null; then
+    # this checkout on the path and the console scripts, as `pip install -e .` would (without a registry,
+    # pip cannot fetch the build backend); the scripts keep the __main__ guard that spawned workers need
+    echo "$REPO" > "$site/fairseq_imitkd_checkout.pth"
+    python3 - "$REPO/setup.py" "$site" "$(dirname "$(command -v python3)")" "$(command -v python3)" <<'PY'
+import glob, os, re, sys
+setup_py, site, bindir, python = sys.argv[1:]
+lines = re.findall(r'"([a-z0-9-]+)=([\w.]+):(\w+)"', open(setup_py).read())
+for ep in glob.glob(os.path.join(site, "ve_fairseq-*.dist-info", "entry_points.txt")):
+    lines += re.findall(r"^(fairseq-[a-z-]+) = ([\w.]+):(\w+)$", open(ep).read(), re.M)
+for name, module, func in lines:
+    path = os.path.join(bindir, name)
+    if os.path.exists(path):
+        continue
+    with open(path, "w") as f:
+        f.write(f"#!{python}\nimport sys\nfrom {module} import {func}\nif __name__ == '__main__':\n"
+                f"    sys.exit({func}())\n")
+    os.chmod(path, 0o755)
+    print("wrote", path)
+PY
+  fi
+  python3 -c "import fairseq, fairseq_imitkd, torch; print('fairseq', fairseq.__version__, 'torch', torch.__version__)" &&
+    imitkd-user-dir && command -v fairseq-train
 }
 
 environment() {
