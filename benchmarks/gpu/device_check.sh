@@ -52,10 +52,12 @@ PY
     [ -f .devcarry/site.tar.xz ] || { echo "no fairseq and no .devcarry/site.tar.xz: run benchmarks/gpu/carry.sh"; return 1; }
     tar xJf .devcarry/site.tar.xz -C "$site" || return 1
   fi
-  if ! python3 -c "import fairseq_imitkd_user_dir" 2>/dev/null; then
-    # this checkout on the path and the console scripts, as `pip install -e .` would (without a registry,
-    # pip cannot fetch the build backend); the scripts keep the __main__ guard that spawned workers need
+  # this checkout on the path and the console scripts, as `pip install -e .` would (without a registry,
+  # pip cannot fetch the build backend); the scripts keep the __main__ guard that spawned workers need
+  if ! (cd / && python3 -c "import fairseq_imitkd_user_dir") 2>/dev/null; then
     echo "$REPO" > "$site/fairseq_imitkd_checkout.pth"
+  fi
+  if ! command -v imitkd-user-dir >/dev/null || ! command -v fairseq-train >/dev/null; then
     python3 - "$REPO/setup.py" "$site" "$(dirname "$(command -v python3)")" "$(command -v python3)" <<'PY'
 import glob, os, re, sys
 setup_py, site, bindir, python = sys.argv[1:]
