@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from test_rollout import (  # noqa: F401  (fixtures)
-    DATA_DIR, TEACHER_DIR, assert_same_as, batch, build_tiny, bundle, check_layout, pytestmark, sequence_generator,
-    student, teacher, teacher_forced_lprobs, tgt_dict,
+    DATA_DIR, TEACHER_DIR, assert_same_as, batch, build_tiny, check_layout, sequence_generator, student,
+    teacher_forced_lprobs, tgt_dict,
 )
 
 from fairseq_imitkd import static_rollout  # noqa: E402
@@ -21,6 +21,30 @@ from fairseq_imitkd.rollout import resolve_engine, rollout  # noqa: E402
 from fairseq_imitkd.teacher import Teacher  # noqa: E402
 
 STATIC = {"engine": "static"}
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    """test_rollout's bundle, skipping (not failing) without the shared teacher: the fairseq-train test at the
+    end needs only the suite's toy teacher."""
+    import argparse
+
+    from fairseq import checkpoint_utils
+
+    if not os.path.isfile(os.path.join(TEACHER_DIR, "checkpoint.pt")):
+        pytest.skip("shared Multi30k teacher not available")
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [os.path.join(TEACHER_DIR, "checkpoint.pt")],
+        arg_overrides={"data": TEACHER_DIR, "source_lang": "de", "target_lang": "en"},
+    )
+    return models[0].eval(), cfg, task
+
+
+@pytest.fixture(scope="module")
+def m30k(bundle):
+    """The shared Multi30k teacher model (``teacher`` is conftest's toy checkpoint here)."""
+    return bundle[0]
 
 
 def encode_lines(bundle, lines):
@@ -45,7 +69,7 @@ def equal_rows(ro, reference):
 # --------------------------------------------------------------------------- greedy = SequenceGenerator
 
 
-def test_greedy_matches_sequence_generator_on_the_whole_valid_set(bundle, teacher, tgt_dict):
+def test_greedy_matches_sequence_generator_on_the_whole_valid_set(bundle, m30k, tgt_dict):
     """All 1014 Multi30k validation sentences, in batches of 128: >= 99.9% of rows identical."""
     pytest.importorskip("sentencepiece")
     with open(os.path.join(DATA_DIR, "val.de"), encoding="utf-8") as f:
@@ -53,8 +77,8 @@ def test_greedy_matches_sequence_generator_on_the_whole_valid_set(bundle, teache
     same = total = 0
     for start in range(0, len(lines), 128):
         src_tokens, src_lengths = encode_lines(bundle, lines[start: start + 128])
-        reference = sequence_generator([teacher], tgt_dict, src_tokens, src_lengths)
-        ro = rollout(teacher, src_tokens, src_lengths, **STATIC)
+        reference = sequence_generator([m30k], tgt_dict, src_tokens, src_lengths)
+        ro = rollout(m30k, src_tokens, src_lengths, **STATIC)
         check_layout(ro, tgt_dict.eos(), tgt_dict.pad())
         same += equal_rows(ro, reference)
         total += len(reference)
@@ -67,10 +91,10 @@ def test_greedy_matches_sequence_generator_on_the_whole_valid_set(bundle, teache
     [{}, {"max_len_b": 5}, {"max_len_a": 0.5, "max_len_b": 2}, {"min_len": 12}],
     ids=["default", "max_len_b=5", "max_len_a=0.5", "min_len=12"],
 )
-def test_greedy_matches_sequence_generator(teacher, tgt_dict, batch, kwargs):
+def test_greedy_matches_sequence_generator(m30k, tgt_dict, batch, kwargs):
     src_tokens, src_lengths = batch
-    reference = sequence_generator([teacher], tgt_dict, src_tokens, src_lengths, **kwargs)
-    ro = rollout(teacher, src_tokens, src_lengths, **kwargs, **STATIC)
+    reference = sequence_generator([m30k], tgt_dict, src_tokens, src_lengths, **kwargs)
+    ro = rollout(m30k, src_tokens, src_lengths, **kwargs, **STATIC)
     assert_same_as(ro, reference)
     check_layout(ro, tgt_dict.eos(), tgt_dict.pad())
 
@@ -137,9 +161,9 @@ def test_family_variants_match_fairseq(bundle, tgt_dict, batch, overrides):
 
 
 @pytest.mark.parametrize("teacher_prob", [0.0, 1.0])
-def test_teacher_lprobs_equal_the_exact_engine(student, teacher, tgt_dict, batch, teacher_prob):
+def test_teacher_lprobs_equal_the_exact_engine(student, m30k, tgt_dict, batch, teacher_prob):
     src_tokens, src_lengths = batch
-    kwargs = dict(teacher=Teacher([teacher]), teacher_prob=teacher_prob, max_len_b=30)
+    kwargs = dict(teacher=Teacher([m30k]), teacher_prob=teacher_prob, max_len_b=30)
     static, exact = (rollout(student, src_tokens, src_lengths, engine=e, **kwargs) for e in ("static", "exact"))
     assert torch.equal(static.tokens, exact.tokens) and torch.equal(static.lengths, exact.lengths)
     assert static.teacher_lprobs.shape == exact.teacher_lprobs.shape
@@ -151,15 +175,15 @@ def test_teacher_lprobs_equal_the_exact_engine(student, teacher, tgt_dict, batch
 
 
 @pytest.mark.parametrize("teacher_sample", [False, True])
-def test_token_mixing_returns_teacher_forced_lprobs(student, teacher, tgt_dict, batch, teacher_sample):
+def test_token_mixing_returns_teacher_forced_lprobs(student, m30k, tgt_dict, batch, teacher_sample):
     src_tokens, src_lengths = batch
     torch.manual_seed(7)
-    ro = rollout(student, src_tokens, src_lengths, sampling="topk", topk=10, max_len_b=25, teacher=Teacher([teacher]),
+    ro = rollout(student, src_tokens, src_lengths, sampling="topk", topk=10, max_len_b=25, teacher=Teacher([m30k]),
                  teacher_prob=0.5, teacher_sample=teacher_sample, **STATIC)
     check_layout(ro, tgt_dict.eos(), tgt_dict.pad())
     mask = ro.tokens.ne(tgt_dict.pad())
     assert ro.teacher_lprobs.shape == (int(mask.sum()), len(tgt_dict))
-    expected = teacher_forced_lprobs([teacher], src_tokens, src_lengths, ro.prev_output_tokens)
+    expected = teacher_forced_lprobs([m30k], src_tokens, src_lengths, ro.prev_output_tokens)
     assert torch.allclose(ro.teacher_lprobs, expected[mask], atol=1e-4, rtol=0)
     rows = torch.argsort(ro.lengths, descending=True)[: ro.tokens.size(0) // 2 + 1]
     assert torch.allclose(ro.teacher_lprobs_at(rows), expected[rows][mask[rows]], atol=1e-4, rtol=0)
@@ -169,9 +193,9 @@ def test_token_mixing_returns_teacher_forced_lprobs(student, teacher, tgt_dict, 
     assert 0 < int(ro.teacher_tokens) < n  # both policies acted, counted over generated tokens only
 
 
-def test_keep_teacher_lprobs_false(student, teacher, batch):
+def test_keep_teacher_lprobs_false(student, m30k, batch):
     src_tokens, src_lengths = batch
-    kwargs = dict(teacher=Teacher([teacher]), teacher_prob=0.3, max_len_b=15, **STATIC)
+    kwargs = dict(teacher=Teacher([m30k]), teacher_prob=0.3, max_len_b=15, **STATIC)
     torch.manual_seed(9)
     full = rollout(student, src_tokens, src_lengths, **kwargs)
     torch.manual_seed(9)
@@ -180,13 +204,13 @@ def test_keep_teacher_lprobs_false(student, teacher, batch):
     assert torch.equal(full.tokens, lean.tokens) and torch.equal(full.teacher_argmax, lean.teacher_argmax)
 
 
-def test_low_precision_teacher(student, teacher, tgt_dict, batch):
+def test_low_precision_teacher(student, m30k, tgt_dict, batch):
     src_tokens, src_lengths = batch
-    half = copy.deepcopy(teacher).to(torch.bfloat16)
+    half = copy.deepcopy(m30k).to(torch.bfloat16)
     ro = rollout(student, src_tokens[:8], src_lengths[:8], teacher=Teacher([half]), teacher_prob=0.5, max_len_b=8,
                  **STATIC)
     assert ro.teacher_lprobs.dtype == torch.float32 and torch.isfinite(ro.teacher_lprobs).all()
-    expected = teacher_forced_lprobs([teacher], src_tokens[:8], src_lengths[:8], ro.prev_output_tokens)
+    expected = teacher_forced_lprobs([m30k], src_tokens[:8], src_lengths[:8], ro.prev_output_tokens)
     mask = ro.tokens.ne(tgt_dict.pad())
     assert (ro.teacher_lprobs.exp() - expected[mask].exp()).abs().sum(-1).max() < 0.2
 
@@ -250,16 +274,25 @@ def test_unsupported_model_falls_back_with_one_log_line(bundle, tgt_dict, batch,
     assert torch.equal(first.tokens, rollout(model, src_tokens, src_lengths, max_len_b=10, engine="exact").tokens)
 
 
-def test_teacher_ensemble_falls_back(bundle, student, teacher, batch):
+def test_teacher_ensemble_falls_back(bundle, student, m30k, batch):
     src_tokens, src_lengths = batch
-    assert static_rollout.static_unsupported(student, [teacher, teacher]) == "a teacher ensemble"
-    assert static_rollout.static_unsupported(student, [teacher]) is None
-    ro = rollout(student, src_tokens, src_lengths, teacher=Teacher([teacher, build_tiny(bundle, seed=1)]),
+    assert static_rollout.static_unsupported(student, [m30k, m30k]) == "a teacher ensemble"
+    assert static_rollout.static_unsupported(student, [m30k]) is None
+    ro = rollout(student, src_tokens, src_lengths, teacher=Teacher([m30k, build_tiny(bundle, seed=1)]),
                  teacher_prob=0.5, max_len_b=8, **STATIC)
     assert ro.teacher_lprobs is not None
 
 
-def test_engine_choice():
+def test_engine_choice(m30k, batch, monkeypatch):
+    src_tokens, src_lengths = batch
+    calls = []
+    real = static_rollout.decode
+    monkeypatch.setattr(static_rollout, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rollout(m30k, src_tokens[:2], src_lengths[:2], max_len_b=3, engine="static")
+    assert calls == [1]
+    rollout(m30k, src_tokens[:2], src_lengths[:2], max_len_b=3, engine="auto")  # CPU: the exact engine
+    rollout(m30k, src_tokens[:2], src_lengths[:2], max_len_b=3)
+    assert calls == [1]
     assert resolve_engine("auto", torch.device("cpu")) == "exact"
     assert resolve_engine("auto", torch.device("cuda")) == "static"
     assert resolve_engine("static", torch.device("cpu")) == "static"
@@ -269,10 +302,10 @@ def test_engine_choice():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("teacher_prob", [0.0, 0.5])
-def test_cuda_graphs_equal_eager(student, teacher, tgt_dict, batch, teacher_prob):
+def test_cuda_graphs_equal_eager(student, m30k, tgt_dict, batch, teacher_prob):
     """Replayed graphs (padded batch, source and cache) give the eager step's tokens and log-probs."""
     src_tokens, src_lengths = (t.cuda() for t in batch)
-    s, t = copy.deepcopy(student).cuda(), copy.deepcopy(teacher).cuda()
+    s, t = copy.deepcopy(student).cuda(), copy.deepcopy(m30k).cuda()
     for graphs in (False, True, True):  # the second graph run replays the pooled graphs
         torch.manual_seed(3)
         ro = static_rollout.decode(
@@ -287,3 +320,27 @@ def test_cuda_graphs_equal_eager(student, teacher, tgt_dict, batch, teacher_prob
             assert (ro.teacher_lprobs - eager.teacher_lprobs).abs().max() < 1e-4
     reference = sequence_generator([t], tgt_dict, src_tokens, src_lengths)
     assert_same_as(rollout(t, src_tokens, src_lengths, engine="static"), reference)
+
+
+# --------------------------------------------------------------------------- through fairseq-train
+
+
+@pytest.mark.parametrize("mix,target,sampling", [("sequence", "argmax", "topk"), ("token", "full", "greedy")])
+def test_imitkd_trains_with_the_static_engine(toy_data, teacher, tmp_path, monkeypatch, mix, target, sampling):
+    """A few imitkd updates through the real fairseq-train with --imitkd-rollout-engine static."""
+    from conftest import fairseq_train, read_json_log
+    from test_imitkd import imitkd_args
+
+    calls = []
+    real = static_rollout.decode
+    monkeypatch.setattr(static_rollout, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fairseq_train(*imitkd_args(
+        toy_data, teacher, tmp_path, "--imitkd-mix", mix, "--imitkd-target", target, "--imitkd-sampling", sampling,
+        "--imitkd-beta-schedule", "constant", "--imitkd-beta", "0.3", "--imitkd-rollout-engine", "static",
+        "--max-update", "3",
+    ))
+    rows = read_json_log(tmp_path / "log.txt", "train_inner")
+    assert [int(r["num_updates"]) for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert float(rows[-1]["rollout_len"]) >= 1.0
+    assert len(calls) >= 3  # every update rolled out through the static engine
