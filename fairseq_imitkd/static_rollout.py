@@ -239,7 +239,7 @@ class _DecoderStep:
 class _EagerPolicy:
     """The step run eagerly (CPU, or CUDA without graphs): attends to the filled positions only."""
 
-    def __init__(self, model, encoder_out, batch, src_len, cache_len, temperature):
+    def __init__(self, model, encoder_out, batch, src_len, cache_len, temperature, capture=False):
         self.step_fn = _DecoderStep(model, encoder_out, batch, src_len, cache_len)
         self.temperature = temperature
         self.steps = torch.arange(cache_len, device=self.step_fn.device)
@@ -250,16 +250,21 @@ class _EagerPolicy:
 
 class _GraphState:
     """Static buffers of one (model, padded batch, padded source, cache length) and its captured graphs,
-    one per attended-length bucket. Reused across rollouts: new inputs are copied in."""
+    one per attended-length bucket. Reused across rollouts: new inputs are copied in.
 
-    def __init__(self, model, encoder_out, batch, src_len, cache_len, temperature):
+    Without ``capture`` (CPU tests) the same padded, masked step runs eagerly: what a graph replays.
+    """
+
+    def __init__(self, model, encoder_out, batch, src_len, cache_len, temperature, capture):
         self.step_fn = _DecoderStep(model, encoder_out, batch, src_len, cache_len)
         self.temperature = temperature
         device = self.step_fn.device
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.capture = capture
         self.graphs = {}  # kv bucket -> (graph, output)
-        self.pool = torch.cuda.graph_pool_handle()  # replays go in increasing bucket order, as captured
+        # one memory pool per state: its graphs are replayed one at a time, in increasing bucket order
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.weight_ptr = model.decoder.embed_tokens.weight.data_ptr()
 
     def _forward(self, kv_len: int) -> Tensor:
@@ -268,22 +273,34 @@ class _GraphState:
         return self.step_fn(self.tokens, self.step, kv_len, mask, self.temperature)
 
     def run(self, kv_len: int) -> Tensor:
+        if not self.capture:
+            return self._forward(kv_len)
         entry = self.graphs.get(kv_len)
         if entry is None:
-            # warm up on a side stream (lazy inits, cuBLAS handles), then capture; both write the same
-            # K/V at the current step as the replay will, so they leave the cache as it should be
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._forward(kv_len)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._forward(kv_len)
-            entry = self.graphs[kv_len] = (graph, out)
+            entry = self.graphs[kv_len] = self._capture(kv_len)
+        if entry[0] is None:  # capture failed: this bucket runs eagerly
+            return self._forward(kv_len)
         entry[0].replay()
         return entry[1]
+
+    def _capture(self, kv_len: int):
+        # warm up on a side stream (lazy inits, cuBLAS handles), then capture; both write the same K/V at
+        # the current step as the replay will, so they leave the cache as it should be
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(kv_len)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._forward(kv_len)
+        except RuntimeError as e:  # e.g. an op that cannot be captured in this torch build
+            log_once(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0]}); the step "
+                     "runs eagerly")
+            return None, None
+        return graph, out
 
 
 _graph_pool: "OrderedDict[tuple, _GraphState]" = OrderedDict()
@@ -292,15 +309,15 @@ _graph_pool: "OrderedDict[tuple, _GraphState]" = OrderedDict()
 class _GraphPolicy:
     """The step replayed from CUDA graphs, with the batch and source padded to power-of-two buckets."""
 
-    def __init__(self, model, encoder_out, batch, src_len, cache_len, temperature):
+    def __init__(self, model, encoder_out, batch, src_len, cache_len, temperature, capture=True):
         self.batch = batch
         b_pad, s_pad, t_pad = _bucket(batch), _bucket(src_len), _bucket(cache_len, 16)
-        key = (id(model), b_pad, s_pad, t_pad, float(temperature), model.decoder.embed_tokens.weight.dtype)
+        key = (id(model), b_pad, s_pad, t_pad, float(temperature), model.decoder.embed_tokens.weight.dtype, capture)
         state = _graph_pool.get(key)
         if state is not None and state.weight_ptr != model.decoder.embed_tokens.weight.data_ptr():
             state = None  # the model moved: its captured weight addresses are stale
         if state is None:
-            state = _GraphState(model, encoder_out, b_pad, s_pad, t_pad, temperature)
+            state = _GraphState(model, encoder_out, b_pad, s_pad, t_pad, temperature, capture)
             _graph_pool[key] = state
             while len(_graph_pool) > GRAPH_POOL_SIZE:
                 _graph_pool.popitem(last=False)
@@ -331,10 +348,15 @@ def _guard_sampling(lprobs: Tensor, eos: int) -> Tensor:
     return torch.where(dead, only_eos, lprobs)
 
 
+def log_once(message: str) -> None:
+    """One log line per message and process."""
+    if message not in _logged_reasons:
+        _logged_reasons.add(message)
+        logger.info("static rollout engine: %s", message)
+
+
 def log_fallback(reason: str) -> None:
-    if reason not in _logged_reasons:
-        _logged_reasons.add(reason)
-        logger.info("static rollout engine: %s is not supported; using the exact engine", reason)
+    log_once(f"{reason} is not supported; using the exact engine")
 
 
 def static_unsupported(model: nn.Module, teachers: List[nn.Module]) -> Optional[str]:
@@ -358,7 +380,9 @@ def decode(model, teachers, src_tokens, src_lengths, *, eos, pad, max_len, min_l
            temperature, teacher_prob, teacher_sample, keep_teacher_lprobs, graphs: Optional[bool] = None) -> Rollout:
     """The static engine's decoding loop (called by ``rollout.rollout`` inside eval mode and no_grad)."""
     bsz, device = src_tokens.size(0), src_tokens.device
+    # graphs: None = on CUDA; True = the padded graph shapes (captured only on CUDA: on CPU, for tests)
     graphs = use_graphs(device) if graphs is None else graphs
+    capture = graphs and use_graphs(device)
     net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths}
     run_student = not (teachers and teacher_prob == 1.0)
     policy_cls = _GraphPolicy if graphs else _EagerPolicy
@@ -368,10 +392,10 @@ def decode(model, teachers, src_tokens, src_lengths, *, eos, pad, max_len, min_l
     with torch.autocast(device.type, enabled=False) if device.type == "cuda" else contextlib.nullcontext():
         if run_student:
             enc = model.encoder.forward_torchscript(net_input)
-            policies["student"] = policy_cls(model, enc, bsz, src_tokens.size(1), cache_len, temperature)
+            policies["student"] = policy_cls(model, enc, bsz, src_tokens.size(1), cache_len, temperature, capture)
         if teachers:
             enc = teachers[0].encoder.forward_torchscript(net_input)
-            policies["teacher"] = policy_cls(teachers[0], enc, bsz, src_tokens.size(1), cache_len, 1.0)
+            policies["teacher"] = policy_cls(teachers[0], enc, bsz, src_tokens.size(1), cache_len, 1.0, capture)
         return _loop(policies, bsz, device, src_tokens, eos=eos, pad=pad, max_len=max_len, min_len=min_len,
                      sampling=sampling, topk=topk, teacher_prob=teacher_prob, teacher_sample=teacher_sample,
                      keep_teacher_lprobs=keep_teacher_lprobs, copy_outputs=graphs)

@@ -300,24 +300,51 @@ def test_engine_choice(m30k, batch, monkeypatch):
         rollout(None, torch.zeros(1, 1, dtype=torch.long), torch.ones(1), engine="fast")
 
 
+def decode(model, teachers, src_tokens, src_lengths, tgt_dict, graphs, **kwargs):
+    args = dict(eos=tgt_dict.eos(), pad=tgt_dict.pad(), max_len=40, min_len=1, sampling="greedy", topk=0,
+                temperature=1.0, teacher_prob=0.0, teacher_sample=False, keep_teacher_lprobs=True)
+    args.update(kwargs)
+    return static_rollout.decode(model, teachers, src_tokens, src_lengths, graphs=graphs, **args)
+
+
+@pytest.mark.parametrize("teacher_prob", [0.0, 0.5, 1.0])
+def test_padded_graph_shapes_equal_the_eager_step(student, m30k, tgt_dict, batch, teacher_prob):
+    """What a CUDA graph replays (batch, source and cache padded to buckets, attention masked), run eagerly on
+    CPU: the same tokens and log-probs as the unpadded step, also from a pooled state reused for other inputs."""
+    src_tokens, src_lengths = batch
+    static_rollout._graph_pool.clear()
+    for rows in (slice(0, 32), slice(3, 20), slice(0, 32)):  # 32 -> bucket 32; 17 rows -> the same state
+        src, lens = src_tokens[rows], src_lengths[rows]
+        src = src[:, (src != tgt_dict.pad()).any(0)]  # as fairseq would pad these rows
+        runs = []
+        for graphs in (False, True):
+            torch.manual_seed(5)  # the same coins
+            runs.append(decode(student, [m30k], src, lens, tgt_dict, graphs, teacher_prob=teacher_prob,
+                               temperature=0.7))
+        eager, padded = runs
+        assert torch.equal(eager.tokens, padded.tokens) and torch.equal(eager.lengths, padded.lengths)
+        assert (eager.teacher_lprobs - padded.teacher_lprobs).abs().max() < 1e-5
+        assert torch.equal(eager.teacher_argmax, padded.teacher_argmax)
+    assert len(static_rollout._graph_pool) <= 4  # student and teacher, at most two source buckets
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("teacher_prob", [0.0, 0.5])
 def test_cuda_graphs_equal_eager(student, m30k, tgt_dict, batch, teacher_prob):
-    """Replayed graphs (padded batch, source and cache) give the eager step's tokens and log-probs."""
+    """Replayed graphs give the eager step's tokens and log-probs, also when the pooled graphs are reused."""
     src_tokens, src_lengths = (t.cuda() for t in batch)
     s, t = copy.deepcopy(student).cuda(), copy.deepcopy(m30k).cuda()
-    for graphs in (False, True, True):  # the second graph run replays the pooled graphs
+    torch.manual_seed(3)
+    eager = decode(s, [t], src_tokens, src_lengths, tgt_dict, False, teacher_prob=teacher_prob)
+    for _ in range(2):  # the second run replays the pooled graphs
         torch.manual_seed(3)
-        ro = static_rollout.decode(
-            s, [t], src_tokens, src_lengths, eos=tgt_dict.eos(), pad=tgt_dict.pad(), max_len=40, min_len=1,
-            sampling="topk", topk=5, temperature=1.0, teacher_prob=teacher_prob, teacher_sample=False,
-            keep_teacher_lprobs=True, graphs=graphs,
-        )
-        if not graphs:
-            eager = ro
-        else:
-            assert torch.equal(ro.tokens, eager.tokens)
-            assert (ro.teacher_lprobs - eager.teacher_lprobs).abs().max() < 1e-4
+        ro = decode(s, [t], src_tokens, src_lengths, tgt_dict, True, teacher_prob=teacher_prob)
+        assert torch.equal(ro.tokens, eager.tokens)
+        assert (ro.teacher_lprobs - eager.teacher_lprobs).abs().max() < 1e-4
+    torch.manual_seed(3)
+    sampled = decode(s, [t], src_tokens, src_lengths, tgt_dict, True, sampling="topk", topk=5)
+    check_layout(sampled, tgt_dict.eos(), tgt_dict.pad())
+    assert any(static_rollout._graph_pool[k].graphs for k in static_rollout._graph_pool)  # graphs were captured
     reference = sequence_generator([t], tgt_dict, src_tokens, src_lengths)
     assert_same_as(rollout(t, src_tokens, src_lengths, engine="static"), reference)
 
