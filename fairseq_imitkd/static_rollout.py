@@ -131,19 +131,25 @@ class _DecoderStep:
         self.enc_mask = torch.zeros(batch, 1, 1, src_len, dtype=torch.bool, device=self.device)
         self.positions = None
         if dec.embed_positions is not None:
-            # the module's own positions for a right-padded prefix without pad: pad + 1 + t at step t
-            # (a graph's cache is padded past the model's last position: those rows are never read)
-            n = min(cache_len, dec.embed_positions.max_positions)
-            dummy = torch.full((1, n), dec.padding_idx + 1, dtype=torch.long, device=self.device)
-            table = dec.embed_positions(dummy)[0]  # (n, C)
-            self.positions = table.new_zeros(cache_len, table.size(1))
-            self.positions[:n] = table
+            self.positions = weight.new_zeros(cache_len, dec.embed_positions.embedding_dim)
         self.load_encoder(encoder_out)
+
+    @torch.no_grad()
+    def load_positions(self) -> None:
+        """The module's own positions for a right-padded prefix without pad (pad + 1 + t at step t), read
+        again for every rollout: a student's learned positions change between updates. A graph's cache is
+        padded past the model's last position: those rows are never read."""
+        dec = self.dec
+        n = min(self.cache_len, dec.embed_positions.max_positions)
+        dummy = torch.full((1, n), dec.padding_idx + 1, dtype=torch.long, device=self.device)
+        self.positions[:n] = dec.embed_positions(dummy)[0]
 
     @torch.no_grad()
     def load_encoder(self, encoder_out: dict) -> None:
         """Project the encoder output to every layer's K/V once; pad rows/positions beyond the batch are
-        masked (rows beyond it attend to zeros: finite, and ignored)."""
+        masked (rows beyond it attend to zeros: finite, and ignored). Also reads the positions again."""
+        if self.positions is not None:
+            self.load_positions()
         enc = encoder_out["encoder_out"][0]  # (S, B, C)
         src_len, bsz = enc.size(0), enc.size(1)
         mask = encoder_out["encoder_padding_mask"][0] if len(encoder_out["encoder_padding_mask"]) > 0 else None
@@ -239,7 +245,7 @@ class _DecoderStep:
 class _EagerPolicy:
     """The step run eagerly (CPU, or CUDA without graphs): attends to the filled positions only."""
 
-    def __init__(self, model, encoder_out, batch, src_len, cache_len, temperature, capture=False):
+    def __init__(self, model, encoder_out, batch, src_len, cache_len, temperature, capture, role):
         self.step_fn = _DecoderStep(model, encoder_out, batch, src_len, cache_len)
         self.temperature = temperature
         self.steps = torch.arange(cache_len, device=self.step_fn.device)
@@ -294,7 +300,8 @@ class _GraphState:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: fairseq's prefetch threads may touch CUDA while this thread captures
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = self._forward(kv_len)
         except RuntimeError as e:  # e.g. an op that cannot be captured in this torch build
             log_once(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0]}); the step "
@@ -309,10 +316,12 @@ _graph_pool: "OrderedDict[tuple, _GraphState]" = OrderedDict()
 class _GraphPolicy:
     """The step replayed from CUDA graphs, with the batch and source padded to power-of-two buckets."""
 
-    def __init__(self, model, encoder_out, batch, src_len, cache_len, temperature, capture=True):
+    def __init__(self, model, encoder_out, batch, src_len, cache_len, temperature, capture, role):
         self.batch = batch
         b_pad, s_pad, t_pad = _bucket(batch), _bucket(src_len), _bucket(cache_len, 16)
-        key = (id(model), b_pad, s_pad, t_pad, float(temperature), model.decoder.embed_tokens.weight.dtype, capture)
+        # role: one model may be both student and teacher (self-distillation), with caches of its own each
+        key = (role, id(model), b_pad, s_pad, t_pad, float(temperature), model.decoder.embed_tokens.weight.dtype,
+               capture)
         state = _graph_pool.get(key)
         if state is not None and state.weight_ptr != model.decoder.embed_tokens.weight.data_ptr():
             state = None  # the model moved: its captured weight addresses are stale
@@ -392,10 +401,12 @@ def decode(model, teachers, src_tokens, src_lengths, *, eos, pad, max_len, min_l
     with torch.autocast(device.type, enabled=False) if device.type == "cuda" else contextlib.nullcontext():
         if run_student:
             enc = model.encoder.forward_torchscript(net_input)
-            policies["student"] = policy_cls(model, enc, bsz, src_tokens.size(1), cache_len, temperature, capture)
+            policies["student"] = policy_cls(model, enc, bsz, src_tokens.size(1), cache_len, temperature, capture,
+                                              "student")
         if teachers:
             enc = teachers[0].encoder.forward_torchscript(net_input)
-            policies["teacher"] = policy_cls(teachers[0], enc, bsz, src_tokens.size(1), cache_len, 1.0, capture)
+            policies["teacher"] = policy_cls(teachers[0], enc, bsz, src_tokens.size(1), cache_len, 1.0, capture,
+                                              "teacher")
         return _loop(policies, bsz, device, src_tokens, eos=eos, pad=pad, max_len=max_len, min_len=min_len,
                      sampling=sampling, topk=topk, teacher_prob=teacher_prob, teacher_sample=teacher_sample,
                      keep_teacher_lprobs=keep_teacher_lprobs, copy_outputs=graphs)

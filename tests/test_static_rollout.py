@@ -328,6 +328,23 @@ def test_padded_graph_shapes_equal_the_eager_step(student, m30k, tgt_dict, batch
     assert len(static_rollout._graph_pool) <= 4  # student and teacher, at most two source buckets
 
 
+def test_pooled_state_sees_updated_weights(bundle, tgt_dict, batch):
+    """A training step changes the weights in place between rollouts, learned positions included: a pooled
+    (graph) state must decode with the new ones, as a fresh eager step does."""
+    src_tokens, src_lengths = batch
+    model = variant(bundle, 23, decoder_learned_pos=True, encoder_learned_pos=True)
+    static_rollout._graph_pool.clear()
+    decode(model, [], src_tokens, src_lengths, tgt_dict, True, max_len=12)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    again, eager = (decode(model, [], src_tokens, src_lengths, tgt_dict, g, max_len=12) for g in (True, False))
+    assert len(static_rollout._graph_pool) == 1  # the state was reused
+    assert torch.equal(again.tokens, eager.tokens)
+    assert_same_as(eager, sequence_generator([model], tgt_dict, src_tokens, src_lengths, max_len_b=12))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("teacher_prob", [0.0, 0.5])
 def test_cuda_graphs_equal_eager(student, m30k, tgt_dict, batch, teacher_prob):
