@@ -32,7 +32,7 @@ stage tests 120 python -m pytest -q -p no:cacheprovider tests/test_static_rollou
     -k "cuda or padded or (greedy_matches and default)"
 stage rollout_speed 120 python benchmarks/rollout_speed.py --device cuda --engine both --no-naive --repeats 5 \
     --out "$OUT_DIR/rollout_speed_engines_$TAG.json"
-stage update_speed 240 python benchmarks/update_speed.py --device cuda --engine both --batches 20 --warmup 3 \
+stage update_speed 240 python benchmarks/update_speed.py --device cuda --engine both --batches 20 --warmup 3 --prewarm \
     --workdir /tmp/imitkd-bench --out "$OUT_DIR/update_speed_engines_$TAG.json"
 echo "=== done: $failed failed stage(s)"
 exit "$failed"

@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--student", help="a trained transformer_student_small checkpoint to time instead of pretraining one")
     p.add_argument("--batches", type=int, default=20, help="timed batches per method")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    p.add_argument("--prewarm", action="store_true",
+                   help="one untimed pass of every method over every batch first: the static engine's CUDA graphs "
+                   "are then captured for every batch shape, as they are after the first updates of a long run")
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -214,6 +217,14 @@ def main(argv=None):
                                   max_positions=(1024, 1024)).next_epoch_itr(shuffle=True)
     batches = [b for _, b in zip(range(args.warmup + args.batches), itr)]
     names = list(criteria)
+    if args.prewarm:
+        for sample in batches:
+            sample = utils.move_to_cuda(sample) if cuda else sample
+            for name in names:
+                current["method"] = name
+                task.train_step(sample, model, criteria[name], optimizer, update_num=0)
+                optimizer.zero_grad()
+        parts.clear()
     times = {n: [] for n in names}
     logs = {n: [] for n in names}
     for i, sample in enumerate(batches):
@@ -267,7 +278,7 @@ def main(argv=None):
         "student": args.student or "transformer_student_small (3+1 layers, d=128), pretrained "
                    f"{args.pretrain_updates} updates with label-smoothed CE",
         "batches": args.batches, "max_tokens": args.max_tokens, "beta": 0.0,
-        "rollout_engine": args.engine,
+        "rollout_engine": args.engine, "prewarm": args.prewarm,
         "teacher_cache": cache,
         "methods": results,
     }

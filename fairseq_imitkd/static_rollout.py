@@ -43,8 +43,9 @@ logger = logging.getLogger(__name__)
 
 #: steps between two "all rows finished?" host syncs
 SYNC_EVERY = 8
-#: graph states kept per process (each holds caches, encoder K/V buffers and a few graphs)
-GRAPH_POOL_SIZE = 16
+#: graph states kept per process (each holds caches, encoder K/V buffers and a few graphs). Batches of
+#: --max-tokens put (batch, source) buckets on a diagonal: a handful of states per role in practice.
+GRAPH_POOL_SIZE = 32
 _logged_reasons = set()
 
 
