@@ -408,3 +408,17 @@ def test_imitkd_trains_with_the_static_engine(toy_data, teacher, tmp_path, monke
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     assert float(rows[-1]["rollout_len"]) >= 1.0
     assert len(calls) >= 3  # every update rolled out through the static engine
+
+
+def test_resume_continues_exactly_with_the_static_engine(toy_data, teacher, tmp_path, monkeypatch):
+    """test_imitkd's resume check (top-5 sampled rollouts, stopped at update k and resumed) run with
+    --imitkd-rollout-engine static: the same rows, rollout tokens and loss as an uninterrupted run."""
+    import test_imitkd
+
+    real_args = test_imitkd.imitkd_args
+    monkeypatch.setattr(test_imitkd, "imitkd_args", lambda *a: real_args(*a, "--imitkd-rollout-engine", "static"))
+    calls = []
+    real = static_rollout.decode
+    monkeypatch.setattr(static_rollout, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    test_imitkd.test_resume_continues_exactly(toy_data, teacher, tmp_path, monkeypatch, "updates")
+    assert calls
