@@ -76,6 +76,8 @@ def unsupported(model: nn.Module) -> Optional[str]:
         return "adaptive softmax"
     if getattr(decoder, "onnx_trace", False):
         return "onnx tracing"
+    if any(getattr(m, "apply_during_inference", False) for m in decoder.modules()):
+        return "retain_dropout (dropout at inference)"
     for layer in decoder.layers:
         if type(layer).__name__ not in ("TransformerDecoderLayer", "TransformerDecoderLayerBase") or not isinstance(
             layer, TransformerDecoderLayerBase

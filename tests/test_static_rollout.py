@@ -125,8 +125,9 @@ def variant(bundle, seed, **overrides):
     torch.manual_seed(seed)
     model = TransformerModel.build_model(args, task).eval()
     # random weights give near-uniform distributions; sharper ones make the test meaningful
-    with torch.no_grad():
-        model.decoder.output_projection.weight.mul_(8.0)
+    if model.decoder.output_projection is not None:  # (None with adaptive softmax)
+        with torch.no_grad():
+            model.decoder.output_projection.weight.mul_(8.0)
     return model
 
 
@@ -272,6 +273,17 @@ def test_unsupported_model_falls_back_with_one_log_line(bundle, tgt_dict, batch,
     lines = [r.getMessage() for r in caplog.records if r.name == "fairseq_imitkd.static_rollout"]
     assert len(lines) == 1 and "scale_attn" in lines[0] and "exact engine" in lines[0]
     assert torch.equal(first.tokens, rollout(model, src_tokens, src_lengths, max_len_b=10, engine="exact").tokens)
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    ({"cross_self_attention": True}, "cross_self_attention"),
+    ({"scale_heads": True}, "scale_attn"),
+    ({"quant_noise_pq": 0.1}, "quant noise"),
+    ({"adaptive_softmax_cutoff": "100,1000", "share_all_embeddings": False,
+      "share_decoder_input_output_embed": False}, "adaptive softmax"),
+], ids=["cross_self_attention", "scale_heads", "quant_noise", "adaptive_softmax"])
+def test_what_is_not_supported_is_named(bundle, overrides, reason):
+    assert reason in static_rollout.unsupported(variant(bundle, 24, **overrides))
 
 
 def test_teacher_ensemble_falls_back(bundle, student, m30k, batch):
