@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--engine", default="exact", choices=["exact", "static", "both"],
                    help="rollout engine(s) to time; both: side by side in one run")
     p.add_argument("--no-naive", action="store_true", help="skip the re-run-the-whole-prefix baselines")
+    p.add_argument("--random", metavar="ENC,DEC,DIM",
+                   help="time a randomly initialised transformer of this size over the checkpoint's dictionaries "
+                   "instead (e.g. 6,6,1024 or 6,1,512: heads dim/64, FFN 4*dim); speed only, lengths are forced")
     p.add_argument("--out", default="benchmarks/results/rollout_speed.json")
     return p.parse_args(argv)
 
@@ -70,11 +73,29 @@ def load_model(args):
 
     torch.serialization.add_safe_globals([argparse.Namespace])
     dict_dir = args.dict_dir or os.path.dirname(os.path.abspath(args.checkpoint))
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [args.checkpoint],
         arg_overrides={"data": dict_dir, "source_lang": args.source_lang, "target_lang": args.target_lang},
     )
-    return models[0].eval(), task
+    return models[0].eval(), task, cfg
+
+
+def random_model(args, cfg, task):
+    """The checkpoint's transformer config with other sizes and random weights (seed 0)."""
+    import copy
+
+    from fairseq.models.transformer import TransformerModel
+
+    enc, dec, dim = (int(x) for x in args.random.split(","))
+    model_cfg = copy.deepcopy(cfg.model)
+    for side, layers in (("encoder", enc), ("decoder", dec)):
+        setattr(model_cfg, f"{side}_layers", layers)
+        setattr(model_cfg, f"{side}_embed_dim", dim)
+        setattr(model_cfg, f"{side}_ffn_embed_dim", 4 * dim)
+        setattr(model_cfg, f"{side}_attention_heads", max(1, dim // 64))
+    model_cfg.decoder_input_dim = model_cfg.decoder_output_dim = dim
+    torch.manual_seed(0)
+    return TransformerModel.build_model(model_cfg, task).eval()
 
 
 def load_batch(args, task):
@@ -155,7 +176,9 @@ def main(argv=None):
 
     from fairseq_imitkd.rollout import rollout
 
-    model, task = load_model(args)
+    model, task, cfg = load_model(args)
+    if args.random:
+        model = random_model(args, cfg, task)
     src_tokens, src_lengths = load_batch(args, task)
     model = model.to(args.device)
     src_tokens, src_lengths = src_tokens.to(args.device), src_lengths.to(args.device)
@@ -226,6 +249,7 @@ def main(argv=None):
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "checkpoint": os.path.abspath(args.checkpoint),
+        "random_model": args.random,
         "params": sum(p.numel() for p in model.parameters()),
         "data": f"{args.text_dir}/{args.split}.{args.source_lang} (first {args.num_sentences})",
         "batch_size": int(src_tokens.size(0)),
