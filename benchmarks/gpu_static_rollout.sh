@@ -17,7 +17,12 @@ OUT_DIR=${OUT:-benchmarks/results}
 TAG=${TAG:-gpu}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if [ -n "${IMITKD_SHARED:-}" ] && [ ! -e ../shared ]; then ln -s "$IMITKD_SHARED" ../shared; fi
+# the tests and benchmarks read ../shared; a checkout that carries shared/ inside (the device tool) links it
+if [ -z "${IMITKD_SHARED:-}" ] && [ ! -e ../shared ] && [ -d shared ]; then IMITKD_SHARED="$PWD/shared"; fi
+if [ -n "${IMITKD_SHARED:-}" ]; then
+    export IMITKD_SHARED
+    [ -e ../shared ] || ln -s "$IMITKD_SHARED" ../shared
+fi
 failed=0
 stage() {  # name, seconds, command...
     local name=$1 limit=$2
