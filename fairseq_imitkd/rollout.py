@@ -13,6 +13,9 @@ token, and top-k/full sampling reproduces ``SequenceGenerator`` with
 of pad/EOS, the same float32 arithmetic and the same batch shrinking (which fixes the
 shapes handed to ``torch.multinomial`` and hence its draws).  All randomness comes from
 torch's default generator, which fairseq reseeds every update, so resumed runs are exact.
+
+This is the *exact* engine. ``static_rollout.py`` is a second one for GPUs (fixed shapes, CUDA
+graphs) that shares these generation rules; ``rollout(engine=...)`` chooses.
 """
 
 import contextlib

@@ -124,7 +124,8 @@ class ImitKDCriterion(KDCriterion):
         imitkd_beta_updates, imitkd_beta_warmup_updates, imitkd_beta_clock, imitkd_agree_low, imitkd_agree_high,
         imitkd_agree_momentum, label_smoothing, imitkd_sampling, imitkd_topk, imitkd_temperature,
         imitkd_teacher_sample, imitkd_max_len_a, imitkd_max_len_b, sentence_avg, max_update,
-        imitkd_rollout_engine="auto", kd_divergence="forward_kl", kd_jsd_beta=0.5, kd_atkd_alpha=0.2, kd_teacher_topk=0,
+        imitkd_rollout_engine="auto",
+        kd_divergence="forward_kl", kd_jsd_beta=0.5, kd_atkd_alpha=0.2, kd_teacher_topk=0,
     ):
         super().__init__(task)
         self.set_divergence(kd_divergence, kd_jsd_beta, kd_atkd_alpha, kd_teacher_topk)
