@@ -283,7 +283,8 @@ def main(argv=None):
         json.dump(report, f, indent=2)
         f.write("\n")
     logger.info("wrote %s", args.out)
-    line = f"| rollout_speed | B={report['batch_size']} len={steps} threads={report['threads']} torch {report['torch']} |"
+    line = (f"| rollout_speed | B={report['batch_size']} len={steps} threads={report['threads']} "
+            f"torch {report['torch']} |")
     for e, r in engine_report.items():
         line += (f" {e}: {r['per_step_ms']:.2f} ms/step, natural {r['natural_median_s']:.3f} s "
                  f"(= SequenceGenerator: {r['natural_rows_equal_to_sequence_generator']:.3f}) |")

@@ -16,7 +16,8 @@ Example (CPU, 1 thread)::
 Both rollout engines side by side (each imitkd method runs twice, ``<method>`` with the exact engine and
 ``<method>@static``; word_kd has no rollout)::
 
-    python benchmarks/update_speed.py --device cuda --engine both --out benchmarks/results/update_speed_engines_gpu.json
+    python benchmarks/update_speed.py --device cuda --engine both --prewarm \\
+        --out benchmarks/results/update_speed_engines_gpu.json
 
 The teacher cache against the online teacher and plain CE (``word_kd_cache`` builds the cache first)::
 
