@@ -10,7 +10,9 @@ shapes instead:
 * the encoder-attention keys/values are projected once per layer, not once per step;
 * finished rows are masked (they keep decoding pad, their outputs are ignored), not dropped;
 * no attention weights are computed for anyone to read;
-* the step loop has no host sync except a cheap "all finished?" check every ``SYNC_EVERY`` steps.
+* the step loop has no host sync but an "all finished?" check, at most one every ``SYNC_EVERY`` steps
+  (on CUDA the flag is copied to the host asynchronously and read when it has arrived: most rollouts
+  end without any sync in the loop, a step or two after their last row finished).
 
 On CUDA the step (embedding through ``log_softmax``) is captured once per (padded batch size, padded
 source length, cache length, attended length bucket) as a ``torch.cuda.CUDAGraph`` and replayed;
@@ -41,7 +43,7 @@ from .rollout import Rollout, _advance_scores, _greedy, _sample, apply_generatio
 
 logger = logging.getLogger(__name__)
 
-#: steps between two "all rows finished?" host syncs
+#: on CUDA, steps between two blocking "all rows finished?" checks (asynchronous ones run between them)
 SYNC_EVERY = 8
 #: graph states kept per process (each holds caches, encoder K/V buffers and a few graphs). Batches of
 #: --max-tokens put (batch, source) buckets on a diagonal: a handful of states per role in practice.
@@ -360,6 +362,39 @@ def _guard_sampling(lprobs: Tensor, eos: int) -> Tensor:
     return torch.where(dead, only_eos, lprobs)
 
 
+class _FinishedProbe:
+    """Whether every row has finished, asked at every step without stalling the GPU.
+
+    On CPU reading the flag costs nothing. On CUDA the flag is copied to pinned host memory without
+    blocking, and read once its event has completed; only if it is still in flight after ``SYNC_EVERY``
+    steps does the loop wait for it. Reading a flag from an earlier step is safe: finished rows stay
+    finished, and the extra steps only decode pad for them.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.host = torch.zeros((), dtype=torch.bool).pin_memory()
+            self.event = torch.cuda.Event()
+            self.asked_at = None  # the step whose flag is in flight
+
+    def __call__(self, done: Tensor, step: int) -> bool:
+        if not self.cuda:
+            return bool(done.all())
+        if self.asked_at is not None:
+            if step - self.asked_at >= SYNC_EVERY:
+                self.event.synchronize()
+            if self.event.query():
+                self.asked_at = None
+                if bool(self.host):
+                    return True
+        if self.asked_at is None:
+            self.host.copy_(done.all(), non_blocking=True)
+            self.event.record()
+            self.asked_at = step
+        return False
+
+
 def log_once(message: str) -> None:
     """One log line per message and process."""
     if message not in _logged_reasons:
@@ -427,6 +462,7 @@ def _loop(policies, bsz, device, src_tokens, *, eos, pad, max_len, min_len, samp
     t_steps: List[Tensor] = []
     teacher_tokens = torch.zeros((), dtype=torch.long, device=device)
     mix = "student" in policies and has_teacher and teacher_prob > 0.0
+    finished = _FinishedProbe(device)
 
     for step in range(max_len + 1):
         actions, masked = {}, {}
@@ -467,7 +503,7 @@ def _loop(policies, bsz, device, src_tokens, *, eos, pad, max_len, min_len, samp
         lengths.masked_fill_(ended, step + 1)
         done |= ended
         feed = nxt
-        if (step + 1) % SYNC_EVERY == 0 and step < max_len and bool(done.all()):
+        if step < max_len and finished(done, step):
             break
 
     width = int(lengths.max())
