@@ -9,10 +9,16 @@ lengths it would also depend on where the model happens to stop and on dropping 
 A second, unforced measurement compares ``rollout`` with fairseq's ``SequenceGenerator`` at beam 1
 (the same tokens, checked) on natural lengths.
 
+``--engine`` chooses the rollout engine(s) timed: ``exact`` (fairseq's incremental state, finished rows
+dropped), ``static`` (static_rollout.py: fixed shapes, CUDA graphs on a GPU) or ``both``, side by side
+in one run (JSON ``engines``: per-step time of each, and ``static_speedup_per_step``).
+
 Example::
 
     OMP_NUM_THREADS=1 python benchmarks/rollout_speed.py --threads 1 \\
         --out benchmarks/results/rollout_speed.json
+    python benchmarks/rollout_speed.py --device cuda --engine both --no-naive \\
+        --out benchmarks/results/rollout_speed_engines_gpu.json
 """
 import argparse
 import datetime
@@ -52,6 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per method (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per method first")
+    p.add_argument("--engine", default="exact", choices=["exact", "static", "both"],
+                   help="rollout engine(s) to time; both: side by side in one run")
+    p.add_argument("--no-naive", action="store_true", help="skip the re-run-the-whole-prefix baselines")
+    p.add_argument("--random", metavar="ENC,DEC,DIM",
+                   help="time a randomly initialised transformer of this size over the checkpoint's dictionaries "
+                   "instead (e.g. 6,6,1024 or 6,1,512: heads dim/64, FFN 4*dim); speed only, lengths are forced")
     p.add_argument("--out", default="benchmarks/results/rollout_speed.json")
     return p.parse_args(argv)
 
@@ -61,11 +73,29 @@ def load_model(args):
 
     torch.serialization.add_safe_globals([argparse.Namespace])
     dict_dir = args.dict_dir or os.path.dirname(os.path.abspath(args.checkpoint))
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [args.checkpoint],
         arg_overrides={"data": dict_dir, "source_lang": args.source_lang, "target_lang": args.target_lang},
     )
-    return models[0].eval(), task
+    return models[0].eval(), task, cfg
+
+
+def random_model(args, cfg, task):
+    """The checkpoint's transformer config with other sizes and random weights (seed 0)."""
+    import copy
+
+    from fairseq.models.transformer import TransformerModel
+
+    enc, dec, dim = (int(x) for x in args.random.split(","))
+    model_cfg = copy.deepcopy(cfg.model)
+    for side, layers in (("encoder", enc), ("decoder", dec)):
+        setattr(model_cfg, f"{side}_layers", layers)
+        setattr(model_cfg, f"{side}_embed_dim", dim)
+        setattr(model_cfg, f"{side}_ffn_embed_dim", 4 * dim)
+        setattr(model_cfg, f"{side}_attention_heads", max(1, dim // 64))
+    model_cfg.decoder_input_dim = model_cfg.decoder_output_dim = dim
+    torch.manual_seed(0)
+    return TransformerModel.build_model(model_cfg, task).eval()
 
 
 def load_batch(args, task):
@@ -146,7 +176,9 @@ def main(argv=None):
 
     from fairseq_imitkd.rollout import rollout
 
-    model, task = load_model(args)
+    model, task, cfg = load_model(args)
+    if args.random:
+        model = random_model(args, cfg, task)
     src_tokens, src_lengths = load_batch(args, task)
     model = model.to(args.device)
     src_tokens, src_lengths = src_tokens.to(args.device), src_lengths.to(args.device)
@@ -155,33 +187,56 @@ def main(argv=None):
     logger.info("batch %s, forced length %d, %d thread(s)", tuple(src_tokens.shape), steps, torch.get_num_threads())
 
     results = {}
-
-    incremental, t_inc = timed(
-        lambda: rollout(model, src_tokens, src_lengths, min_len=min_len, max_len_b=max_len_b),
-        args.repeats, args.warmup,
-    )
-    assert int(incremental.lengths.min()) == int(incremental.lengths.max()) == steps
-    results["incremental"] = t_inc
-    naive, t_naive = timed(
-        lambda: naive_greedy(model, src_tokens, src_lengths, min_len, max_len_b), args.repeats, args.warmup
-    )
-    results["naive"] = t_naive
-    naive_last, t_naive_last = timed(
-        lambda: naive_greedy(model, src_tokens, src_lengths, min_len, max_len_b, project_all=False),
-        args.repeats, args.warmup,
-    )
-    results["naive_last_position"] = t_naive_last
-    same_rows = (naive == incremental.tokens).all(dim=1).float().mean().item()
-    same_tokens = (naive == incremental.tokens).float().mean().item()
-
-    # natural lengths: rollout vs SequenceGenerator(beam_size=1), default limits
-    natural, t_nat = timed(lambda: rollout(model, src_tokens, src_lengths), args.repeats, args.warmup)
+    engines = ["exact", "static"] if args.engine == "both" else [args.engine]
+    forced, natural, t_natural = {}, {}, {}
     generator = SequenceGenerator([model], task.target_dictionary, beam_size=1)
     sample = {"net_input": {"src_tokens": src_tokens, "src_lengths": src_lengths}}
     hypos, t_sg = timed(lambda: generator.generate([model], sample), args.repeats, args.warmup)
-    natural_matches = all(
-        torch.equal(natural.tokens[i, : natural.lengths[i]], h[0]["tokens"]) for i, h in enumerate(hypos)
-    )
+    for engine in engines:
+        forced[engine], results[f"rollout_{engine}"] = timed(
+            lambda: rollout(model, src_tokens, src_lengths, min_len=min_len, max_len_b=max_len_b, engine=engine),
+            args.repeats, args.warmup,
+        )
+        assert int(forced[engine].lengths.min()) == int(forced[engine].lengths.max()) == steps
+        # natural lengths: rollout vs SequenceGenerator(beam_size=1), default limits
+        natural[engine], t_natural[engine] = timed(
+            lambda: rollout(model, src_tokens, src_lengths, engine=engine), args.repeats, args.warmup
+        )
+    incremental = forced[engines[0]]
+    results["incremental"] = results[f"rollout_{engines[0]}"]
+    if not args.no_naive:
+        naive, t_naive = timed(
+            lambda: naive_greedy(model, src_tokens, src_lengths, min_len, max_len_b), args.repeats, args.warmup
+        )
+        results["naive"] = t_naive
+        naive_last, t_naive_last = timed(
+            lambda: naive_greedy(model, src_tokens, src_lengths, min_len, max_len_b, project_all=False),
+            args.repeats, args.warmup,
+        )
+        results["naive_last_position"] = t_naive_last
+        same_rows = (naive == incremental.tokens).all(dim=1).float().mean().item()
+        same_tokens = (naive == incremental.tokens).float().mean().item()
+    else:
+        same_rows = same_tokens = None
+
+    def same_as_generator(ro):
+        return sum(torch.equal(ro.tokens[i, : ro.lengths[i]], h[0]["tokens"]) for i, h in enumerate(hypos)) / len(hypos)
+
+    engine_report = {
+        e: {
+            "forced_median_s": statistics.median(results[f"rollout_{e}"]),
+            "per_step_ms": 1000 * statistics.median(results[f"rollout_{e}"]) / steps,
+            "forced_rows_equal_to_exact": (forced[e].tokens == forced["exact"].tokens).all(1).float().mean().item()
+            if "exact" in forced else None,
+            "natural_median_s": statistics.median(t_natural[e]),
+            "natural_mean_length": natural[e].lengths.float().mean().item(),
+            "natural_rows_equal_to_sequence_generator": same_as_generator(natural[e]),
+        }
+        for e in engines
+    }
+    natural_matches = engine_report[engines[0]]["natural_rows_equal_to_sequence_generator"] == 1.0
+    t_nat = t_natural[engines[0]]
+    natural_first = natural[engines[0]]
 
     med = {k: statistics.median(v) for k, v in results.items()}
     report = {
@@ -194,6 +249,7 @@ def main(argv=None):
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "checkpoint": os.path.abspath(args.checkpoint),
+        "random_model": args.random,
         "params": sum(p.numel() for p in model.parameters()),
         "data": f"{args.text_dir}/{args.split}.{args.source_lang} (first {args.num_sentences})",
         "batch_size": int(src_tokens.size(0)),
@@ -205,15 +261,19 @@ def main(argv=None):
         "times_s": results,
         "median_s": med,
         "mean_rollout_length": incremental.lengths.float().mean().item(),
-        "speedup_vs_naive": med["naive"] / med["incremental"],
-        "speedup_vs_naive_last_position": med["naive_last_position"] / med["incremental"],
+        "engines": engine_report,
+        "static_speedup_per_step": engine_report["exact"]["per_step_ms"] / engine_report["static"]["per_step_ms"]
+        if len(engines) == 2 else None,
+        "incremental_is": engines[0],
+        "speedup_vs_naive": med["naive"] / med["incremental"] if "naive" in med else None,
+        "speedup_vs_naive_last_position": med["naive_last_position"] / med["incremental"] if "naive" in med else None,
         "naive_vs_incremental_identical_rows": same_rows,
         "naive_vs_incremental_identical_tokens": same_tokens,
         "natural_length": {
             "rollout_median_s": statistics.median(t_nat),
             "sequence_generator_beam1_median_s": statistics.median(t_sg),
             "speedup_vs_sequence_generator": statistics.median(t_sg) / statistics.median(t_nat),
-            "mean_rollout_length": natural.lengths.float().mean().item(),
+            "mean_rollout_length": natural_first.lengths.float().mean().item(),
             "identical_to_sequence_generator": natural_matches,
             "times_s": {"rollout": t_nat, "sequence_generator": t_sg},
         },
@@ -223,16 +283,17 @@ def main(argv=None):
         json.dump(report, f, indent=2)
         f.write("\n")
     logger.info("wrote %s", args.out)
-    print(
-        f"| rollout_speed | B={report['batch_size']} len={steps} threads={report['threads']} "
-        f"torch {report['torch']} | incremental {med['incremental']:.3f} s | naive {med['naive']:.3f} s "
-        f"(x{report['speedup_vs_naive']:.1f}) | naive, last position only {med['naive_last_position']:.3f} s "
-        f"(x{report['speedup_vs_naive_last_position']:.1f}) | mean length {report['mean_rollout_length']:.1f} | "
-        f"natural length: rollout {report['natural_length']['rollout_median_s']:.3f} s vs SequenceGenerator "
-        f"{report['natural_length']['sequence_generator_beam1_median_s']:.3f} s "
-        f"(x{report['natural_length']['speedup_vs_sequence_generator']:.2f}, "
-        f"identical={natural_matches}) |"
-    )
+    line = (f"| rollout_speed | B={report['batch_size']} len={steps} threads={report['threads']} "
+            f"torch {report['torch']} |")
+    for e, r in engine_report.items():
+        line += (f" {e}: {r['per_step_ms']:.2f} ms/step, natural {r['natural_median_s']:.3f} s "
+                 f"(= SequenceGenerator: {r['natural_rows_equal_to_sequence_generator']:.3f}) |")
+    if report["static_speedup_per_step"]:
+        line += f" static x{report['static_speedup_per_step']:.2f} per step |"
+    if "naive" in med:
+        line += (f" naive {med['naive']:.3f} s (x{report['speedup_vs_naive']:.1f} for {engines[0]}) |")
+    line += (f" SequenceGenerator {report['natural_length']['sequence_generator_beam1_median_s']:.3f} s |")
+    print(line)
     return report
 
 

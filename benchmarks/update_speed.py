@@ -13,6 +13,12 @@ Example (CPU, 1 thread)::
 
     OMP_NUM_THREADS=1 python benchmarks/update_speed.py --threads 1 --out benchmarks/results/update_speed_cpu_t1.json
 
+Both rollout engines side by side (each imitkd method runs twice, ``<method>`` with the exact engine and
+``<method>@static``; word_kd has no rollout)::
+
+    python benchmarks/update_speed.py --device cuda --engine both --prewarm \\
+        --out benchmarks/results/update_speed_engines_gpu.json
+
 The teacher cache against the online teacher and plain CE (``word_kd_cache`` builds the cache first)::
 
     OMP_NUM_THREADS=1 python benchmarks/update_speed.py --threads 1 --methods ce,word_kd,word_kd_cache \\
@@ -61,10 +67,15 @@ def parse_args(argv=None):
     p.add_argument("--student", help="a trained transformer_student_small checkpoint to time instead of pretraining one")
     p.add_argument("--batches", type=int, default=20, help="timed batches per method")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    p.add_argument("--prewarm", action="store_true",
+                   help="one untimed pass of every method over every batch first: the static engine's CUDA graphs "
+                   "are then captured for every batch shape, as they are after the first updates of a long run")
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--teacher-fp16", action="store_true")
+    p.add_argument("--engine", default="auto", choices=["auto", "exact", "static", "both"],
+                   help="--imitkd-rollout-engine of the imitkd methods; both: each imitkd method with each engine")
     p.add_argument("--methods", default=",".join(m for m in METHODS if m not in ("ce", "word_kd_cache")))
     p.add_argument("--cache-topk", type=int, default=8, help="K of the teacher cache (word_kd_cache)")
     p.add_argument("--out", required=True, help="JSON results; a markdown summary is printed")
@@ -105,10 +116,14 @@ def build(bin_dir, student_ckpt, args):
     if args.teacher_fp16:
         common.append("--teacher-fp16")
     criteria, task, model = {}, None, None
-    for name in args.methods.split(","):
+    for name, engine in method_engines(args):
         parser = options.get_training_parser()
         method = [a.replace("{cache}", cache_dir(args)) for a in METHODS[name]]
         beta = BETA0 if name.startswith("imitkd") else []
+        if engine is not None:
+            beta = beta + ["--imitkd-rollout-engine", engine]
+            if args.engine == "both" and engine == "static":
+                name = f"{name}@static"
         cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, common + method + beta))
         if task is None:
             task = tasks.setup_task(cfg.task)
@@ -117,6 +132,18 @@ def build(bin_dir, student_ckpt, args):
             model.load_state_dict(state["model"])
         criteria[name] = task.build_criterion(cfg.criterion)
     return task, model.to(args.device), criteria
+
+
+def method_engines(args):
+    """(method, rollout engine) pairs to time; the engine is None where the method has no rollout."""
+    for name in args.methods.split(","):
+        if not name.startswith("imitkd"):
+            yield name, None
+        elif args.engine == "both":
+            yield name, "exact"
+            yield name, "static"
+        else:
+            yield name, args.engine
 
 
 def cache_dir(args) -> str:
@@ -191,6 +218,14 @@ def main(argv=None):
                                   max_positions=(1024, 1024)).next_epoch_itr(shuffle=True)
     batches = [b for _, b in zip(range(args.warmup + args.batches), itr)]
     names = list(criteria)
+    if args.prewarm:
+        for sample in batches:
+            sample = utils.move_to_cuda(sample) if cuda else sample
+            for name in names:
+                current["method"] = name
+                task.train_step(sample, model, criteria[name], optimizer, update_num=0)
+                optimizer.zero_grad()
+        parts.clear()
     times = {n: [] for n in names}
     logs = {n: [] for n in names}
     for i, sample in enumerate(batches):
@@ -244,6 +279,7 @@ def main(argv=None):
         "student": args.student or "transformer_student_small (3+1 layers, d=128), pretrained "
                    f"{args.pretrain_updates} updates with label-smoothed CE",
         "batches": args.batches, "max_tokens": args.max_tokens, "beta": 0.0,
+        "rollout_engine": args.engine, "prewarm": args.prewarm,
         "teacher_cache": cache,
         "methods": results,
     }

@@ -13,6 +13,9 @@ token, and top-k/full sampling reproduces ``SequenceGenerator`` with
 of pad/EOS, the same float32 arithmetic and the same batch shrinking (which fixes the
 shapes handed to ``torch.multinomial`` and hence its draws).  All randomness comes from
 torch's default generator, which fairseq reseeds every update, so resumed runs are exact.
+
+This is the *exact* engine. ``static_rollout.py`` is a second one for GPUs (fixed shapes, CUDA
+graphs) that shares these generation rules; ``rollout(engine=...)`` chooses.
 """
 
 import contextlib
@@ -28,6 +31,9 @@ from .scoring import attention_backends, outside_autocast
 from .teacher import TeacherBase, check_same_dictionary
 
 STRATEGIES = ("greedy", "topk")
+#: decoding engines: ``exact`` (fairseq's EnsembleModel, finished rows dropped), ``static`` (fixed shapes,
+#: CUDA graphs; static_rollout.py), ``auto`` (see :func:`resolve_engine`)
+ENGINES = ("auto", "exact", "static")
 
 
 @dataclass
@@ -181,6 +187,7 @@ def rollout(
     teacher_prob: float = 0.0,
     teacher_sample: bool = False,
     keep_teacher_lprobs: bool = True,
+    engine: str = "exact",
 ) -> Rollout:
     """Decode ``src_tokens`` with ``model`` (the student), optionally mixed with teachers.
 
@@ -202,6 +209,8 @@ def rollout(
             temperature 1 instead of its argmax.
         keep_teacher_lprobs: also return the teacher's log-probs at every generated
             position (N, V); else only their argmax.
+        engine: ``exact``, ``static`` (static_rollout.py; models it cannot run fall back to
+            ``exact`` with one log line) or ``auto`` (:func:`resolve_engine`).
 
     Dropout is off during the rollout; training flags are restored afterwards.
     ``teacher_prob=1`` never runs the student.
@@ -218,6 +227,8 @@ def rollout(
         raise ValueError(f"min_len must be >= 0, got {min_len}")
     if teacher_prob > 0 and teacher is None:
         raise ValueError("teacher_prob > 0 needs a teacher")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown rollout engine {engine!r}; valid: {', '.join(ENGINES)}")
     with teacher.inference() if teacher is not None else contextlib.nullcontext([]) as teachers:
         for t in teachers:
             check_same_dictionary("target", model.decoder.dictionary, t.decoder.dictionary, "the teacher's model")
@@ -225,11 +236,20 @@ def rollout(
             model, list(teachers), src_tokens, src_lengths, max_len_a=max_len_a, max_len_b=max_len_b,
             min_len=min_len, sampling=sampling, topk=topk, temperature=temperature, teacher_prob=teacher_prob,
             teacher_sample=teacher_sample, keep_teacher_lprobs=keep_teacher_lprobs,
+            engine=resolve_engine(engine, src_tokens.device),
         )
 
 
+def resolve_engine(engine: str, device: torch.device) -> str:
+    """``auto``: the static engine on CUDA, where a step is launch-bound and graphs pay off; the exact
+    one on CPU, where dropping finished rows saves more than fixed shapes do (benchmarks/README.md)."""
+    if engine == "auto":
+        return "static" if device.type == "cuda" else "exact"
+    return engine
+
+
 def _checked_rollout(model, teachers, src_tokens, src_lengths, *, max_len_a, max_len_b, min_len, sampling, topk,
-                     temperature, teacher_prob, teacher_sample, keep_teacher_lprobs) -> Rollout:
+                     temperature, teacher_prob, teacher_sample, keep_teacher_lprobs, engine="exact") -> Rollout:
     max_len = max_rollout_len(src_tokens, [model] + teachers, max_len_a, max_len_b)
     if max_len < 1:
         raise ValueError(
@@ -241,8 +261,17 @@ def _checked_rollout(model, teachers, src_tokens, src_lengths, *, max_len_a, max
 
     dictionary = model.decoder.dictionary
     eos, pad = dictionary.eos(), dictionary.pad()
+    decode = _decode
+    if engine == "static":
+        from . import static_rollout  # imports this module: imported late
+
+        reason = static_rollout.static_unsupported(model, teachers)
+        if reason is None:
+            decode = static_rollout.decode
+        else:
+            static_rollout.log_fallback(reason)
     with _eval_mode([model] + teachers), attention_backends(src_tokens.device):
-        return _decode(
+        return decode(
             model, teachers, src_tokens, src_lengths, eos=eos, pad=pad,
             max_len=max_len, min_len=min_len, sampling=sampling, topk=topk,
             temperature=temperature, teacher_prob=float(teacher_prob),

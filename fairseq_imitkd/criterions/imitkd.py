@@ -33,6 +33,7 @@ MIX_CHOICES = ChoiceEnum(list(MIXES))
 SCHEDULES = ChoiceEnum(list(schedules.SCHEDULES))
 CLOCK_CHOICES = ChoiceEnum(list(schedules.CLOCKS))
 SAMPLINGS = ChoiceEnum(list(rollouts.STRATEGIES))
+ENGINES = ChoiceEnum(list(rollouts.ENGINES))
 
 
 @dataclass
@@ -99,6 +100,11 @@ class ImitKDConfig(KDDivergenceConfig):
         default=1.2, metadata={"help": "rollouts have at most a·src_len + b tokens (the paper used a=0, b=125)"}
     )
     imitkd_max_len_b: int = field(default=10, metadata={"help": "see --imitkd-max-len-a"})
+    imitkd_rollout_engine: ENGINES = field(
+        default="auto", metadata={"help": "exact: fairseq's incremental decoding, finished rows dropped; static: "
+                                  "fixed shapes, a preallocated K/V cache and CUDA graphs (transformer models; "
+                                  "others fall back to exact); auto: static on CUDA, exact on CPU"}
+    )
     sentence_avg: bool = II("optimization.sentence_avg")
     max_update: int = II("optimization.max_update")
 
@@ -118,6 +124,7 @@ class ImitKDCriterion(KDCriterion):
         imitkd_beta_updates, imitkd_beta_warmup_updates, imitkd_beta_clock, imitkd_agree_low, imitkd_agree_high,
         imitkd_agree_momentum, label_smoothing, imitkd_sampling, imitkd_topk, imitkd_temperature,
         imitkd_teacher_sample, imitkd_max_len_a, imitkd_max_len_b, sentence_avg, max_update,
+        imitkd_rollout_engine="auto",
         kd_divergence="forward_kl", kd_jsd_beta=0.5, kd_atkd_alpha=0.2, kd_teacher_topk=0,
     ):
         super().__init__(task)
@@ -158,7 +165,7 @@ class ImitKDCriterion(KDCriterion):
         self.eps = label_smoothing
         self.rollout_args = dict(
             max_len_a=imitkd_max_len_a, max_len_b=imitkd_max_len_b, sampling=str(imitkd_sampling),
-            topk=imitkd_topk, temperature=imitkd_temperature,
+            topk=imitkd_topk, temperature=imitkd_temperature, engine=str(imitkd_rollout_engine),
         )
         self.teacher_sample = imitkd_teacher_sample
         self.sentence_avg = sentence_avg
