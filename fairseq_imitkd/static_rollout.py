@@ -353,15 +353,6 @@ def use_graphs(device: torch.device) -> bool:
     return device.type == "cuda" and hasattr(torch.cuda, "CUDAGraph")
 
 
-def _guard_sampling(lprobs: Tensor, eos: int) -> Tensor:
-    """Rows with no finite entry (an fp16 overflow) would make ``torch.multinomial`` fire a device-side
-    assert that kills the CUDA context: such rows pick EOS, which ends them."""
-    dead = ~torch.isfinite(lprobs).any(dim=1, keepdim=True)
-    only_eos = torch.full_like(lprobs[:1], -math.inf)
-    only_eos[0, eos] = 0.0
-    return torch.where(dead, only_eos, lprobs)
-
-
 class _FinishedProbe:
     """Whether every row has finished, asked at every step without stalling the GPU.
 
@@ -472,7 +463,7 @@ def _loop(policies, bsz, device, src_tokens, *, eos, pad, max_len, min_len, samp
             if sampling == "greedy":
                 actions["student"] = _greedy(masked["student"], cum["student"], step)
             else:
-                actions["student"] = _sample(_guard_sampling(masked["student"], eos), topk)
+                actions["student"] = _sample(masked["student"], topk, eos)
         if has_teacher:
             lp = policies["teacher"](feed, step)
             t_argmax[:, step] = lp.argmax(dim=1)
@@ -482,7 +473,7 @@ def _loop(policies, bsz, device, src_tokens, *, eos, pad, max_len, min_len, samp
                 masked["teacher"] = apply_generation_rules(lp if not keep_teacher_lprobs else lp.clone(), step,
                                                            min_len, max_len, eos, pad)
                 if teacher_sample:
-                    actions["teacher"] = _sample(_guard_sampling(masked["teacher"], eos), 0)
+                    actions["teacher"] = _sample(masked["teacher"], 0, eos)
                 else:
                     actions["teacher"] = _greedy(masked["teacher"], cum["teacher"], step)
         active = ~done

@@ -244,11 +244,19 @@ def test_sampling_draws_only_from_top_k(student, tgt_dict, batch):
 
 
 def test_rows_with_no_finite_score_end_instead_of_reaching_multinomial():
-    lprobs = torch.tensor([[-1.0, -2.0, -math.inf], [-math.inf] * 3, [math.nan] * 3])
-    guarded = static_rollout._guard_sampling(lprobs.masked_fill(lprobs.isnan(), -math.inf), eos=2)
-    assert torch.equal(guarded[0], lprobs[0])
-    assert guarded[1:, 2].eq(0).all() and guarded[1:, :2].eq(-math.inf).all()
-    torch.multinomial(guarded.exp(), 1)  # would raise (or assert on CUDA) on a zero row
+    """Both engines sample through rollout._sample: a row without mass (an fp16 overflow, NaN turned to
+    -inf by the generation rules) takes EOS (full distribution) or its first top-k candidate, and never
+    reaches torch.multinomial, which raises on CPU and fires a device-side assert on CUDA."""
+    from fairseq_imitkd.rollout import _sample
+
+    lprobs = torch.tensor([[-0.1, -30.0, -math.inf, -30.0], [-math.inf] * 4, [math.nan] * 4])
+    lprobs = lprobs.masked_fill(lprobs.isnan(), -math.inf)
+    for _ in range(5):
+        assert _sample(lprobs, 0, eos=2)[1:].eq(2).all()
+        assert _sample(lprobs, 2)[0] in (0, 1, 3)
+    torch.manual_seed(0)
+    first = _sample(lprobs[:1].repeat(200, 1), 0, eos=2)
+    assert first.eq(0).float().mean() > 0.9 and not first.eq(2).any()  # a valid row samples as before
 
 
 # --------------------------------------------------------------------------- engine choice and fallback
