@@ -30,7 +30,6 @@ Anything the step does not implement falls back to the exact engine, with one lo
 """
 import contextlib
 import logging
-import math
 from collections import OrderedDict
 from typing import List, Optional
 

@@ -35,6 +35,13 @@ def test_half_precision_teacher_beside_an_fp16_student(toy_data, teacher, tmp_pa
     train_a_few_updates(toy_data, teacher, tmp_path, criterion, "fp16", teacher_dtype, device="cuda")
 
 
+@pytest.mark.parametrize("criterion", ["imitkd_topk", "imitkd_token"])
+def test_half_precision_with_the_exact_rollout_engine(toy_data, teacher, tmp_path, criterion):
+    """On CUDA the default engine is the static one (the tests above): the exact one must train too."""
+    train_a_few_updates(toy_data, teacher, tmp_path, criterion, "fp16", "fp16", device="cuda",
+                        extra=["--imitkd-rollout-engine", "exact"])
+
+
 @pytest.mark.parametrize("teacher_dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("criterion", ["word_kd", "imitkd_full", "imitkd_token"])
 def test_teacher_is_frozen_apart_and_in_its_dtype(toy_data, teacher, criterion, teacher_dtype):

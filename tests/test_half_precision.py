@@ -35,3 +35,9 @@ def test_bf16_repair_leaves_a_real_tpu_run_alone(monkeypatch):
     assert bf16_without_xla.repair_bf16_without_xla(cfg) and not cfg.common.tpu
     cfg = OmegaConf.create({"common": {"bf16": False, "tpu": True, "cpu": False}})  # --tpu alone: untouched
     assert not bf16_without_xla.repair_bf16_without_xla(cfg) and cfg.common.tpu
+
+
+def test_bf16_student_and_teacher_with_the_static_rollout_engine(toy_data, teacher, tmp_path):
+    """The static engine computes the decoder step itself: in bfloat16 too (the exact one is CPU's default)."""
+    train_a_few_updates(toy_data, teacher, tmp_path, "imitkd_token", "bf16", "bf16",
+                        extra=["--imitkd-rollout-engine", "static"])

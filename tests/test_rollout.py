@@ -447,12 +447,22 @@ def test_every_strategy_the_criterion_offers_decodes(teacher, tgt_dict, batch, s
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_greedy_on_cuda_matches_sequence_generator_on_cuda(teacher, tgt_dict, batch, dtype):
+@pytest.mark.parametrize("engine", ["exact", "static"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_greedy_on_cuda_matches_sequence_generator_on_cuda(teacher, tgt_dict, batch, dtype, engine):
+    """The exact engine runs fairseq's own step: every row. The static one computes the step itself (other
+    kernels, sums in another order): in float32 a near-tie may flip one row; in half precision, where
+    rounding is coarser, at most one row in ten."""
     model = copy.deepcopy(teacher).to(device="cuda", dtype=dtype)
     src_tokens, src_lengths = (t.cuda() for t in batch)
     reference = [r.cpu() for r in sequence_generator([model], tgt_dict, src_tokens, src_lengths)]
-    ro = rollout(model, src_tokens, src_lengths)
+    ro = rollout(model, src_tokens, src_lengths, engine=engine)
     assert ro.tokens.is_cuda
-    assert_same_as(Rollout(tokens=ro.tokens.cpu(), prev_output_tokens=ro.prev_output_tokens.cpu(),
-                           lengths=ro.lengths.cpu()), reference)
+    ro = Rollout(tokens=ro.tokens.cpu(), prev_output_tokens=ro.prev_output_tokens.cpu(), lengths=ro.lengths.cpu())
+    check_layout(ro, tgt_dict.eos(), tgt_dict.pad())
+    if engine == "exact":
+        assert_same_as(ro, reference)
+        return
+    same = sum(int(ro.lengths[i]) == ref.numel() and torch.equal(ro.tokens[i, :ref.numel()], ref)
+               for i, ref in enumerate(reference))
+    assert same >= (len(reference) - 1 if dtype == torch.float32 else 0.9 * len(reference)), same

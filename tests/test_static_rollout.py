@@ -365,6 +365,7 @@ def test_pooled_state_sees_updated_weights(bundle, tgt_dict, batch):
     assert_same_as(eager, sequence_generator([model], tgt_dict, src_tokens, src_lengths, max_len_b=12))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("teacher_prob", [0.0, 0.5])
 def test_cuda_graphs_equal_eager(student, m30k, tgt_dict, batch, teacher_prob):

@@ -2,9 +2,10 @@
 # One unattended check of every GPU path: the CUDA tests, the GPU speed benchmarks, and the IWSLT14
 # recipe's smoke settings on the GPU. Writes its evidence under $OUT (default ./gpu-check-out):
 #   summary.json   every step's exit code and seconds, the device, torch, CUDA and driver versions
-#   pytest.log, pytest.xml   `pytest -m cuda` (verbose, with skip reasons), and its JUnit report
-#   update_speed.json, rollout_speed.json   the speed benchmarks on this GPU
-#   logs.tar.gz    the setup, benchmark and recipe logs
+#   pytest.log     `pytest -m cuda` (verbose, with skip reasons)
+#   rollout_speed.json, update_speed.json   both rollout engines on the Multi30k student, side by side
+#   rollout_speed_6_6_1024.json, rollout_speed_6_1_512.json   both engines at two sizes users train
+#   logs.tar.gz    the setup, benchmark and recipe logs, and pytest's JUnit report
 # Run from the repository root on a machine with a CUDA torch. Where fairseq is not installed, it
 # installs what benchmarks/gpu/carry.sh packed into .devcarry/ (no registry needed). Budget: about
 # 8 minutes on one H200; STEP_LIMIT_* (seconds) bound each step; STEPS="cuda_tests ..." runs a subset;
@@ -108,19 +109,25 @@ print(json.dumps(info))
 PY
 }
 
-speed() {
-  local engine=()
-  if python3 benchmarks/update_speed.py --help 2>/dev/null | grep -q -- "--engine"; then engine=(--engine both); fi
-  python3 benchmarks/rollout_speed.py --device cuda "${engine[@]}" --out "$OUT/rollout_speed.json" || return 1
-  python3 benchmarks/update_speed.py --device cuda --batches "${SPEED_BATCHES:-20}" "${engine[@]}" \
-    --workdir /tmp/imitkd-bench --out "$OUT/update_speed.json"
+speed() {  # both rollout engines side by side; each benchmark under its own limit, a failure does not stop the next
+  local failed=0
+  timeout 60 python3 benchmarks/rollout_speed.py --device cuda --engine both --no-naive --repeats 5 \
+    --out "$OUT/rollout_speed.json" || failed=$((failed + 1))
+  timeout 150 python3 benchmarks/update_speed.py --device cuda --engine both --batches "${SPEED_BATCHES:-20}" \
+    --warmup 3 --prewarm --workdir /tmp/imitkd-bench --out "$OUT/update_speed.json" || failed=$((failed + 1))
+  # the sizes users train, random weights and forced lengths: a 6+6 d=1024 teacher, a 6+1 d=512 student
+  for size in 6,6,1024 6,1,512; do
+    timeout 45 python3 benchmarks/rollout_speed.py --device cuda --engine both --no-naive --repeats 3 \
+      --random "$size" --out "$OUT/rollout_speed_${size//,/_}.json" || failed=$((failed + 1))
+  done
+  return $failed
 }
 
 cuda_tests() {
   local workers=()
   python3 -c "import xdist" 2>/dev/null && workers=(-n "${PYTEST_WORKERS:-6}")
   OMP_NUM_THREADS=1 python3 -m pytest -m cuda tests -v -rs "${workers[@]}" -p no:cacheprovider \
-    --junitxml "$OUT/pytest.xml" ${PYTEST_ARGS:-}
+    --junitxml "$LOGS_DIR/pytest.xml" ${PYTEST_ARGS:-}
 }
 
 iwslt14_smoke() {
@@ -128,11 +135,12 @@ iwslt14_smoke() {
     bash examples/iwslt14_de_en/run_all.sh --local "$REPO/../shared/data/iwslt14_sample"
 }
 
-export REPO OUT
+LOGS_DIR="$LOGS"
+export REPO OUT LOGS_DIR
 export -f setup environment speed cuda_tests iwslt14_smoke
 step setup "${STEP_LIMIT_SETUP:-120}" setup
 step environment 60 environment
-step speed "${STEP_LIMIT_SPEED:-170}" speed
+step speed "${STEP_LIMIT_SPEED:-310}" speed
 # the tests and the recipe do not time anything: they share the GPU and the CPUs
 step cuda_tests "${STEP_LIMIT_TESTS:-270}" cuda_tests &
 TESTS=$!
