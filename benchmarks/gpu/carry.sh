@@ -21,8 +21,10 @@ rm -rf "$CARRY" && mkdir -p "$CARRY"
 WHEELS="$(mktemp -d)" SITE="$(mktemp -d)"
 trap 'rm -rf "$WHEELS" "$SITE"' EXIT
 
-# fairseq (the ve-fairseq build) and what it needs beyond the image; CTranslate2; sacremoses for the IWSLT14 recipe
-PKGS=(ve-fairseq==0.12.3 hydra-core omegaconf bitarray ctranslate2 sacremoses)
+# fairseq (the ve-fairseq build) and what it needs beyond the image; CTranslate2; sacremoses for the IWSLT14 recipe.
+# Pinned to what pip resolves for README's install: without resolution (--no-deps), omegaconf 2.4 would come,
+# which hydra 1.3 excludes and which refuses fairseq's --adam-betas '(0.9, 0.98)' string.
+PKGS=(ve-fairseq==0.12.3 hydra-core==1.3.8 omegaconf==2.3.1 bitarray==3.12.3 ctranslate2==4.8.5 sacremoses==0.2.0)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform any -d "$WHEELS" "${PKGS[@]}"

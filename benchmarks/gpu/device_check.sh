@@ -51,7 +51,10 @@ PY
   fi
   if ! python3 -c "import fairseq" 2>/dev/null; then
     [ -f .devcarry/site.tar.xz ] || { echo "no fairseq and no .devcarry/site.tar.xz: run benchmarks/gpu/carry.sh"; return 1; }
-    tar xJf .devcarry/site.tar.xz -C "$site" || return 1
+    # a folder of its own, first on the path (a .pth puts it there): the image's own packages must not
+    # shadow the versions pinned in carry.sh
+    mkdir -p /opt/imitkd-site && tar xJf .devcarry/site.tar.xz -C /opt/imitkd-site || return 1
+    printf 'import sys; sys.path.insert(0, "/opt/imitkd-site")\n' > "$site/00-imitkd-carry.pth"
   fi
   # this checkout on the path and the console scripts, as `pip install -e .` would (without a registry,
   # pip cannot fetch the build backend); the scripts keep the __main__ guard that spawned workers need
@@ -59,7 +62,7 @@ PY
     echo "$REPO" > "$site/fairseq_imitkd_checkout.pth"
   fi
   if ! command -v imitkd-user-dir >/dev/null || ! command -v fairseq-train >/dev/null; then
-    python3 - "$REPO/setup.py" "$site" "$(dirname "$(command -v python3)")" "$(command -v python3)" <<'PY'
+    python3 - "$REPO/setup.py" "$(python3 -c 'import fairseq, os; print(os.path.dirname(os.path.dirname(fairseq.__file__)))')" "$(dirname "$(command -v python3)")" "$(command -v python3)" <<'PY'
 import glob, os, re, sys
 setup_py, site, bindir, python = sys.argv[1:]
 lines = re.findall(r'"([a-z0-9-]+)=([\w.]+):(\w+)"', open(setup_py).read())
@@ -94,9 +97,10 @@ try:
                                     capture_output=True, text=True).stdout.strip()
 except OSError:
     info["driver"] = None
-for name in ("fairseq", "ctranslate2", "sacrebleu", "numpy"):
+for name in ("fairseq", "ctranslate2", "sacrebleu", "numpy", "omegaconf", "hydra"):
     try:
-        info[name] = __import__(name).__version__
+        module = __import__(name)
+        info[name] = f"{module.__version__} ({module.__file__})"
     except Exception as e:  # noqa: BLE001  (record what is missing, do not stop)
         info[name] = f"unavailable: {e}"
 try:
@@ -111,11 +115,12 @@ PY
 
 speed() {  # both rollout engines side by side; each benchmark under its own limit, a failure does not stop the next
   local failed=0
-  timeout 60 python3 benchmarks/rollout_speed.py --device cuda --engine both --no-naive --repeats 5 \
+  [ "${SPEED_ONLY:-}" = update ] || timeout 60 python3 benchmarks/rollout_speed.py --device cuda --engine both --no-naive --repeats 5 \
     --out "$OUT/rollout_speed.json" || failed=$((failed + 1))
   timeout 150 python3 benchmarks/update_speed.py --device cuda --engine both --batches "${SPEED_BATCHES:-20}" \
     --warmup 3 --prewarm --workdir /tmp/imitkd-bench --out "$OUT/update_speed.json" || failed=$((failed + 1))
   # the sizes users train, random weights and forced lengths: a 6+6 d=1024 teacher, a 6+1 d=512 student
+  [ "${SPEED_ONLY:-}" = update ] ||
   for size in 6,6,1024 6,1,512; do
     timeout 45 python3 benchmarks/rollout_speed.py --device cuda --engine both --no-naive --repeats 3 \
       --random "$size" --out "$OUT/rollout_speed_${size//,/_}.json" || failed=$((failed + 1))
