@@ -289,3 +289,72 @@ def test_a_vmap_export_translates_with_the_restricted_vocabulary(word_kd_student
     bad = subprocess.run([sys.executable, "-m", "fairseq_imitkd_vmap", "--source", tmp_path / "nosuch", "--target",
                           hyps, "-o", tmp_path / "v"], capture_output=True, text=True, env=ENV, timeout=300)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("imitkd-vmap: --source")
+
+
+def _fake_model(tmp_path):
+    """A directory that passes imitkd-translate's checks (its weights are never read by these tests)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.bin").write_bytes(b"")
+    return model
+
+
+@pytest.mark.parametrize("link", ["same", "relative", "symlink", "hardlink"])
+def test_translating_a_file_into_itself_is_refused_and_keeps_it(tmp_path, link):
+    model, text = _fake_model(tmp_path), tmp_path / "text.txt"
+    text.write_text("s1 s2\ns3\n")
+    output = {"same": text, "relative": tmp_path / "." / "text.txt", "symlink": tmp_path / "link.txt",
+              "hardlink": tmp_path / "hard.txt"}[link]
+    if link == "symlink":
+        output.symlink_to(text)
+    elif link == "hardlink":
+        os.link(text, output)
+    msg = _one_line_error(_translate(model, "-i", text, "-o", output), "imitkd-translate")
+    assert "is the input file" in msg and str(output) in msg, msg
+    assert text.read_text() == "s1 s2\ns3\n"
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "a_directory"])
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, where):
+    model, text = _fake_model(tmp_path), tmp_path / "text.txt"
+    text.write_text("s1 s2\n")
+    output = tmp_path / "nowhere" / "out.txt" if where == "missing_dir" else tmp_path
+    msg = _one_line_error(_translate(model, "-i", text, "-o", output), "imitkd-translate")
+    assert str(output) in msg and ("does not exist" if where == "missing_dir" else "is a directory") in msg, msg
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_failed_translation_leaves_the_previous_output_in_place(tmp_path, monkeypatch):
+    """The output is written beside the target and renamed at the end: a crash mid-file keeps the old file,
+    and leaves no temporary file behind; a finished run replaces it."""
+    import types
+
+    import fairseq_imitkd_translate as translate
+
+    class Translator:
+        fail = True
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def translate_file(self, source, output, **kwargs):
+            with open(output, "w") as f:
+                f.write("half a transl")
+                if Translator.fail:
+                    raise RuntimeError("killed mid-file")
+                f.write("ation\n")
+            return types.SimpleNamespace(num_examples=1, num_tokens=2, total_time_in_ms=1.0)
+
+    monkeypatch.setitem(sys.modules, "ctranslate2", types.SimpleNamespace(Translator=Translator))
+    model, text, out = _fake_model(tmp_path), tmp_path / "text.txt", tmp_path / "out.txt"
+    text.write_text("s1 s2\n")
+    out.write_text("the previous translations\n")
+    args = translate.parse_args([str(model), "-i", str(text), "-o", str(out)])
+    with pytest.raises(RuntimeError, match="killed mid-file"):
+        translate.translate(args)
+    assert out.read_text() == "the previous translations\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.txt", "text.txt"]
+    Translator.fail = False
+    assert translate.translate(args)["sentences"] == 1
+    assert out.read_text() == "half a translation\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.txt", "text.txt"]
