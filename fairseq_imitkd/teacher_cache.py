@@ -90,7 +90,7 @@ def build(data: str, out: str, teacher_path: str, k: int, splits: List[str], tea
         raise CacheError("--chunk-sentences and --max-tokens must be >= 1")
     task = translation_task(data, source_lang, target_lang)
     check_teacher_files(teacher_path, teacher_data, task.cfg.source_lang, task.cfg.target_lang,
-                        task.source_dictionary, task.target_dictionary)
+                        task.source_dictionary, task.target_dictionary, data=data)
     vocab = len(task.target_dictionary)
     if k > vocab:
         raise CacheError(f"--topk {k} exceeds the target vocabulary ({vocab} symbols)")

@@ -1,8 +1,8 @@
 """Bad teachers, dictionaries and flags fail fast, before any training, with a message naming the problem.
 
 Every check here is reached the way fairseq-train reaches it: the command line is parsed, the task set
-up, the student built, and the error comes from ``task.build_criterion`` (or, for the embedding-row
-check, from the first time the criterion asks the task for its teacher).
+up, the student built, and the error comes from ``task.build_criterion``, before fairseq's trainer could
+write a ``crash.pt``.
 """
 import os
 import shutil
@@ -183,16 +183,68 @@ def test_dictionaries_that_are_not_the_teachers_own(toy_data, teacher, tmp_path)
         load_teacher(str(teacher), str(big), "src", "tgt", big_dict, big_dict)
     assert expected in str(info.value) and str(teacher) in str(info.value), info.value
 
-    # through the task: the dictionary comparison passes (same files), the first teacher() call fails
+    # through the task: the dictionary comparison passes (same files), and the embedding rows are checked
+    # with it, at build time, before fairseq could write a crash.pt at the first update
     # (a folder with dictionaries only: the task cannot infer the language pair from data files)
-    task, _, criterion = build_training_objects(
+    msg = criterion_error(
         *kd_args(big, "--teacher-path", teacher, "--teacher-data", big, "--source-lang", "src", "--target-lang", "tgt")
     )
-    assert len(task.source_dictionary) == symbols
-    with pytest.raises(TeacherError) as info:
-        task.teacher(torch.device("cpu"))
-    assert expected in str(info.value), info.value
-    assert task._teacher is None
+    assert expected in msg and f"the dictionaries in {big} (--teacher-data)" in msg, msg
+
+
+def _teacher_recording(teacher: Path, folder: Path, data: str) -> Path:
+    """A copy of the teacher in ``folder`` whose checkpoint records ``data`` as its data directory."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = torch.load(teacher, map_location="cpu")
+    state["cfg"]["task"]["data"] = data
+    torch.save(state, folder / "teacher.pt")
+    return folder / "teacher.pt"
+
+
+def test_a_relative_recorded_data_dir_never_resolves_against_the_current_directory(
+        toy_data, teacher, tmp_path, monkeypatch, caplog):
+    """The teacher records ``bin``; run from a folder whose ``bin`` is the student's data, the check would
+    compare the student's dictionaries with themselves and pass a teacher whose symbols are swapped.
+    ``bin`` is taken beside the checkpoint, and the log says which dictionaries were compared."""
+    import logging
+
+    work = tmp_path / "work"
+    copy_dicts(toy_data, work / "bin")
+    monkeypatch.chdir(work)
+    path = _teacher_recording(teacher, tmp_path / "shipped", "bin")
+    args = kd_args(toy_data, "--teacher-path", path)
+    msg = criterion_error(*args)  # nothing beside the checkpoint: not the cwd's bin
+    assert "cannot find the teacher's dictionaries" in msg and str(tmp_path / "shipped" / "bin") in msg, msg
+    assert "--teacher-data" in msg, msg
+
+    first, second = swap_lines(copy_dicts(toy_data, tmp_path / "shipped" / "bin") / "dict.tgt.txt", 2, 3)
+    msg = criterion_error(*args)  # the teacher's own, swapped, dictionaries
+    assert f"task {first!r}, teacher {second!r}" in msg and str(tmp_path / "shipped" / "bin") in msg, msg
+
+    copy_dicts(toy_data, tmp_path / "shipped" / "bin")
+    with caplog.at_level(logging.INFO, logger="fairseq_imitkd.teacher"):
+        build_training_objects(*args)
+    assert f"dictionaries {tmp_path / 'shipped' / 'bin'}/dict.{{src,tgt}}.txt" in caplog.text, caplog.text
+    assert "recorded in the teacher checkpoint" in caplog.text, caplog.text
+
+
+def test_a_mismatch_names_both_dictionary_files_and_where_the_teachers_came_from(toy_data, teacher, tmp_path):
+    """No --teacher-data: the message must not blame it, and must say what was compared with what."""
+    path = _teacher_recording(teacher, tmp_path / "shipped", "/nonexistent")
+    first, second = swap_lines(copy_dicts(toy_data, tmp_path / "shipped") / "dict.src.txt", 0, 1)
+    msg = criterion_error(*kd_args(toy_data, "--teacher-path", path))
+    assert f"from {toy_data / 'dict.src.txt'}" in msg, msg
+    assert f"from {tmp_path / 'shipped' / 'dict.src.txt'} (the teacher checkpoint's folder)" in msg, msg
+    assert f"task {first!r}, teacher {second!r}" in msg and "given by --teacher-data" not in msg, msg
+
+    # the student's data binarized with its own, bigger, dictionary, and the same files beside the teacher
+    for name in DICTS:
+        with open(tmp_path / "shipped" / name, "w") as f:
+            f.write((toy_data / name).read_text() + "".join(f"new{i} 1\n" for i in range(3)))
+    data = copy_dicts(tmp_path / "shipped", tmp_path / "own")
+    msg = criterion_error(*kd_args(data, "--teacher-path", path, "--source-lang", "src", "--target-lang", "tgt"))
+    assert f"the dictionaries in {tmp_path / 'shipped'} (the teacher checkpoint's folder)" in msg, msg
+    assert "given by --teacher-data" not in msg, msg
 
 
 # --- flags ----------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class DistillationTask(TranslationTask):
     def check_teacher_files(self) -> None:
         """Fail fast, before any data is loaded, on a missing teacher or mismatched dictionaries."""
         check_teacher_files(self.cfg.teacher_path, self.cfg.teacher_data, self.cfg.source_lang, self.cfg.target_lang,
-                            self.src_dict, self.tgt_dict)
+                            self.src_dict, self.tgt_dict, data=self.cfg.data)
 
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg, from_checkpoint)
