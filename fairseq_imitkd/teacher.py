@@ -283,9 +283,16 @@ def translation_task(data: str, source_lang: Optional[str], target_lang: Optiona
     are given their defaults."""
     from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+    from .splits import explained_split_errors
+
+    class CheckedTranslationTask(TranslationTask):
+        def load_dataset(self, split, **kwargs):  # a missing or uneven split: one line, no traceback
+            with explained_split_errors(self, split, "binarize it with fairseq-preprocess, or name others"):
+                super().load_dataset(split, **kwargs)
+
     cfg = TranslationConfig(data=data, source_lang=source_lang, target_lang=target_lang, train_subset="train",
                             dataset_impl=None, required_seq_len_multiple=1)
-    return TranslationTask.setup_task(cfg)
+    return CheckedTranslationTask.setup_task(cfg)
 
 
 def load_teacher(

@@ -313,6 +313,47 @@ def test_a_split_whose_sides_differ_in_length_is_named(toy_data, tmp_path):
         task.load_dataset("train")
 
 
+def test_a_data_dir_without_the_split_is_one_line(toy_data, tmp_path):
+    """fairseq's own FileNotFoundError traceback, named in one line with the splits that are there; through
+    the real fairseq-train (which loads the valid split before anything else)."""
+    data = tmp_path / "no_valid"
+    data.mkdir()
+    for f in toy_data.iterdir():
+        if not f.name.startswith("valid."):
+            shutil.copy(f, data / f.name)
+    task, _, _ = build_training_objects(data, "--task", "distillation", *STUDENT)
+    with pytest.raises(ValueError, match=r"split 'valid' not found in .*no_valid.*splits there: test, train\)"):
+        task.load_dataset("valid")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", USER_DIR, "--task", "distillation",
+         *STUDENT, "--optimizer", "adam", "--lr", "0.001", "--max-tokens", "2000", "--num-workers", "0",
+         "--max-update", "1", "--save-dir", str(tmp_path / "save"), "--no-progress-bar"],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImitKDError: split 'valid' not found") and "--valid-subset" in last, last
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_teacher_path_that_no_criterion_uses(toy_data, teacher, tmp_path, exists, caplog):
+    """label_smoothed_cross_entropy uses no teacher: a file that does not exist is refused, one that does
+    is named unused in one warning."""
+    import logging
+
+    path = teacher if exists else tmp_path / "nowhere.pt"
+    args = [toy_data, "--task", "distillation", "--teacher-path", path, *STUDENT,
+            "--criterion", "label_smoothed_cross_entropy"]
+    if not exists:
+        msg = criterion_error(*args)
+        assert "no such file" in msg and str(path) in msg, msg
+        return
+    with caplog.at_level(logging.WARNING):
+        task, _, _ = build_training_objects(*args)
+    warned = [r.getMessage() for r in caplog.records if "unused" in r.getMessage()]
+    assert warned == [f"--teacher-path {path} is unused: criterion label_smoothed_cross_entropy uses no teacher"]
+    assert task._teacher is None
+
+
 # --- a student whose dictionaries do not match the data ---------------------------------------------
 
 
