@@ -224,6 +224,31 @@ def test_bad_exports_are_one_line_and_write_nothing(word_kd_student, tmp_path):
     assert "not a CTranslate2 model directory" in msg, msg
 
 
+def test_export_hints_about_the_data_directory_are_true(word_kd_student, toy_data, tmp_path):
+    """A checkpoint whose recorded data directory is gone is told to pass --data; one whose directory does not
+    tell the language pair is told to pass --source-lang/--target-lang, and doing so works."""
+    state = torch.load(word_kd_student / "checkpoint_best.pt")
+    state["cfg"]["task"]["source_lang"] = state["cfg"]["task"]["target_lang"] = None
+    state["cfg"]["task"]["data"] = str(tmp_path / "gone")
+    gone = tmp_path / "gone.pt"
+    torch.save(state, gone)
+    msg = _one_line_error(_export(gone, "-o", tmp_path / "a", "--source-lang", "src", "--target-lang", "tgt"),
+                          "imitkd-export")
+    assert str(tmp_path / "gone") in msg and "does not exist" in msg and "pass --data DIR" in msg, msg
+    assert "--source-lang" not in msg, msg
+
+    three = tmp_path / "three"  # a third dictionary: the pair cannot be inferred from the file names
+    three.mkdir()
+    for lang in ("src", "tgt", "xx"):
+        (three / f"dict.{lang}.txt").write_text((toy_data / "dict.src.txt").read_text())
+    msg = _one_line_error(_export(gone, "-o", tmp_path / "b", "--data", three), "imitkd-export")
+    assert "pass --source-lang and --target-lang" in msg, msg
+    proc = _export(gone, "-o", tmp_path / "c", "--data", three, "--source-lang", "src", "--target-lang", "tgt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "c" / "imitkd_export.json").read_text())
+    assert (manifest["source_lang"], manifest["target_lang"]) == ("src", "tgt")
+
+
 def test_vmap_builder_counts_pairs_analytically():
     from fairseq_imitkd_vmap import build_vmap
 
