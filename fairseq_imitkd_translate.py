@@ -83,6 +83,8 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
     if not os.path.isfile(args.input):
         raise SystemExit(f"imitkd-translate: input {args.input} does not exist")
     check_output(args.input, args.output)
+    if args.stats and not os.path.isdir(os.path.dirname(os.path.abspath(args.stats))):
+        raise SystemExit(f"imitkd-translate: the directory of --stats {args.stats} does not exist: create it first")
     if args.read_batch_size < 0:
         raise SystemExit(f"imitkd-translate: --read-batch-size must be >= 0, got {args.read_batch_size}")
     for name in ("beam", "batch_size", "threads", "max_len"):

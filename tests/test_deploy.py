@@ -339,13 +339,16 @@ def test_translating_a_file_into_itself_is_refused_and_keeps_it(tmp_path, link):
     assert text.read_text() == "s1 s2\ns3\n"
 
 
-@pytest.mark.parametrize("where", ["missing_dir", "a_directory"])
+@pytest.mark.parametrize("where", ["missing_dir", "a_directory", "stats_in_a_missing_dir"])
 def test_an_output_that_cannot_be_written_is_one_line(tmp_path, where):
+    """Refused before anything is translated (the --stats file is written last, after the whole file)."""
     model, text = _fake_model(tmp_path), tmp_path / "text.txt"
     text.write_text("s1 s2\n")
-    output = tmp_path / "nowhere" / "out.txt" if where == "missing_dir" else tmp_path
-    msg = _one_line_error(_translate(model, "-i", text, "-o", output), "imitkd-translate")
-    assert str(output) in msg and ("does not exist" if where == "missing_dir" else "is a directory") in msg, msg
+    output = {"missing_dir": tmp_path / "nowhere" / "out.txt", "a_directory": tmp_path}.get(where, tmp_path / "out")
+    stats = ["--stats", tmp_path / "nowhere" / "stats.json"] if where == "stats_in_a_missing_dir" else []
+    msg = _one_line_error(_translate(model, "-i", text, "-o", output, *stats), "imitkd-translate")
+    named = stats[1] if stats else output
+    assert str(named) in msg and ("is a directory" if where == "a_directory" else "does not exist") in msg, msg
     assert not (tmp_path / "nowhere").exists()
 
 
