@@ -97,6 +97,14 @@ def test_a_cache_of_another_teacher_is_refused(toy_data, teacher, cache, tmp_pat
         _criterion(toy_data, "--kd-teacher-cache", cache, "--teacher-path", other)
 
 
+def test_a_cache_checked_against_a_teacher_file_that_does_not_exist_is_refused(toy_data, cache, tmp_path):
+    """--teacher-path only names the teacher the cache is checked against here: it must still exist."""
+    from fairseq_imitkd.teacher import TeacherError
+
+    with pytest.raises(TeacherError, match=f"no such file: {tmp_path / 'none.pt'}"):
+        _criterion(toy_data, "--kd-teacher-cache", cache, "--teacher-path", tmp_path / "none.pt")
+
+
 def test_a_cache_of_other_dictionaries_is_refused(toy_data, cache, tmp_path):
     data = tmp_path / "reordered"
     shutil.copytree(toy_data, data)
