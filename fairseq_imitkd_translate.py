@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from typing import List, Optional
 
 logger = logging.getLogger("imitkd-translate")
@@ -85,6 +86,9 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
                          "export the student with imitkd-export")
     if not os.path.isfile(args.input):
         raise SystemExit(f"imitkd-translate: input {args.input} does not exist")
+    check_output(args.input, args.output)
+    if args.stats and not os.path.isdir(os.path.dirname(os.path.abspath(args.stats))):
+        raise SystemExit(f"imitkd-translate: the directory of --stats {args.stats} does not exist: create it first")
     if args.read_batch_size < 0:
         raise SystemExit(f"imitkd-translate: --read-batch-size must be >= 0, got {args.read_batch_size}")
     for name in ("beam", "batch_size", "threads", "max_len"):
@@ -97,6 +101,20 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
     if spm is not None and not os.path.isfile(spm):
         raise SystemExit(f"imitkd-translate: --spm {spm} does not exist")
     return spm
+
+
+def check_output(source: str, output: str) -> None:
+    """SystemExit with one line for an output that cannot be written, or that is the input itself (under
+    another name, a symbolic or a hard link): translating a file into itself would empty it first."""
+    if os.path.isdir(output):
+        raise SystemExit(f"imitkd-translate: output {output} is a directory: name a file")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise SystemExit(f"imitkd-translate: the directory of output {output} does not exist ({parent}): "
+                         "create it first")
+    if os.path.exists(output) and os.path.samefile(source, output):
+        raise SystemExit(f"imitkd-translate: output {output} is the input file {source}: translating it in place "
+                         "would destroy it; name another output")
 
 
 def translate(args: argparse.Namespace) -> dict:
@@ -118,11 +136,37 @@ def translate(args: argparse.Namespace) -> dict:
         reason = " ".join(str(e).split())
         raise SystemExit(f"imitkd-translate: cannot load {args.model} on {args.device} with --compute-type "
                          f"{args.compute_type}: {reason}") from None
-    stats = translator.translate_file(
-        args.input, args.output, max_batch_size=args.batch_size, beam_size=args.beam,
+    output = os.path.realpath(args.output)  # through a link, its target is replaced
+    if os.path.exists(output) and not os.path.isfile(output):  # /dev/stdout, a pipe: written as it goes
+        return _report(args, _translate_file(translator, args, output, tokenize, detokenize))
+    # written beside the output, then renamed over it: an interrupted or failed run leaves whatever the
+    # output path held before, never a half-written file in its place
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=os.path.dirname(output))
+    os.close(fd)
+    try:
+        stats = _translate_file(translator, args, tmp, tokenize, detokenize)
+        if os.path.exists(output):
+            os.chmod(tmp, os.stat(output).st_mode & 0o7777)
+        else:  # as open() would have created it (mkstemp's file is private)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return _report(args, stats)
+
+
+def _translate_file(translator, args: argparse.Namespace, output: str, tokenize, detokenize):
+    return translator.translate_file(
+        args.input, output, max_batch_size=args.batch_size, beam_size=args.beam,
         max_decoding_length=args.max_len, use_vmap=args.use_vmap, read_batch_size=args.read_batch_size,
         source_tokenize_fn=tokenize, target_detokenize_fn=detokenize,
     )
+
+
+def _report(args: argparse.Namespace, stats) -> dict:
     seconds = stats.total_time_in_ms / 1000
     return {"sentences": stats.num_examples, "target_tokens": stats.num_tokens, "seconds": round(seconds, 4),
             "sentences_per_second": round(stats.num_examples / max(seconds, 1e-9), 1),

@@ -54,15 +54,20 @@ def check_output_dir(out: str, force: bool) -> None:
         raise ExportError(f"output directory {out} holds another CTranslate2 model: pass --force to replace it")
 
 
-def resolve_data(state: dict, checkpoint: str, data: Optional[str]) -> tuple:
-    """``(data dir, source lang, target lang)``: the dictionaries the student was trained with."""
+def resolve_data(state: dict, checkpoint: str, data: Optional[str], source_lang: Optional[str] = None,
+                 target_lang: Optional[str] = None) -> tuple:
+    """``(data dir, source lang, target lang)``: the dictionaries the student was trained with; the languages
+    given (``--source-lang``/``--target-lang``) win over the checkpoint's and over inferring them."""
     task = _task_config(state)
-    src, tgt = config_value(task, "source_lang"), config_value(task, "target_lang")
+    src, tgt = source_lang or config_value(task, "source_lang"), target_lang or config_value(task, "target_lang")
     if data is None:
         recorded = config_value(task, "data")
         data = recorded.split(os.pathsep)[0] if recorded else None
         if not data:
             raise ExportError(f"{checkpoint} records no data directory: pass --data DIR with its dict.*.txt")
+        if not os.path.isdir(data):
+            raise ExportError(f"the data directory recorded in {checkpoint}, {data}, does not exist here: pass --data "
+                              "DIR, the directory the student was binarized into (its dict.*.txt)")
     if src is None or tgt is None:  # fairseq infers the pair from the dictionary file names
         langs = sorted(n[5:-4] for n in os.listdir(data) if n.startswith("dict.") and n.endswith(".txt")) \
             if os.path.isdir(data) else []
@@ -151,8 +156,7 @@ def export(checkpoint: str, out: str, data: Optional[str] = None, quantization: 
     state = read_fairseq_checkpoint(checkpoint, "student checkpoint", ExportError)
     if not isinstance(state.get("model"), dict) or not state["model"]:
         raise ExportError(f"student checkpoint {checkpoint} holds no model weights")
-    data, src, tgt = resolve_data(state, checkpoint, data)
-    src, tgt = source_lang or src, target_lang or tgt
+    data, src, tgt = resolve_data(state, checkpoint, data, source_lang, target_lang)
     check_output_dir(out, force)
 
     parent = os.path.dirname(os.path.abspath(out))

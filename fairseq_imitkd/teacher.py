@@ -12,7 +12,7 @@ import hashlib
 import logging
 import math
 import os
-from typing import ContextManager, Dict, List, Optional, Sequence
+from typing import ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from fairseq import checkpoint_utils, tasks, utils
@@ -49,9 +49,7 @@ def split_teacher_paths(teacher_path: Optional[str]) -> List[str]:
     return [p for p in utils.split_paths(teacher_path or "") if p]
 
 
-def read_checkpoint_config(path: str):
-    """The ``(task, model)`` config sections of a checkpoint, without reading its weights into memory."""
-    state = read_fairseq_checkpoint(path, "teacher checkpoint", TeacherError)
+def _checkpoint_config(state: dict):
     cfg = state.get("cfg")
     if cfg is not None:
         return cfg["task"], cfg["model"]
@@ -59,38 +57,61 @@ def read_checkpoint_config(path: str):
     return vars(args), vars(args)
 
 
+def read_checkpoint_config(path: str):
+    """The ``(task, model)`` config sections of a checkpoint, without reading its weights into memory."""
+    return _checkpoint_config(read_fairseq_checkpoint(path, "teacher checkpoint", TeacherError))
+
+
 def _has_dicts(directory: str, langs: Sequence[str]) -> bool:
     return all(os.path.isfile(os.path.join(directory, f"dict.{lang}.txt")) for lang in langs)
 
 
-def resolve_teacher_data(path: str, teacher_data: Optional[str], langs: Sequence[str]) -> str:
-    """The directory that holds the teacher's own ``dict.{lang}.txt`` files.
+def find_teacher_data(path: str, teacher_data: Optional[str], langs: Sequence[str],
+                      task_cfg=None) -> Tuple[str, str]:
+    """``(directory, how it was chosen)``: where the teacher's own ``dict.{lang}.txt`` files are.
 
     Order: ``--teacher-data`` if given; else the data directory recorded in the checkpoint, if it
     holds the dictionaries; else the checkpoint's own folder, if it holds them (a teacher shipped with
-    its dictionaries beside it). Anything else is an error naming what was tried.
+    its dictionaries beside it). A relative recorded directory (fairseq records ``data`` as typed, e.g.
+    ``bin``) is taken relative to the checkpoint's folder, never to the current directory: there it
+    could be the student's own data, and the teacher's dictionaries would be compared with themselves.
+    Anything else is an error naming what was tried.
     """
     names = ", ".join(f"dict.{lang}.txt" for lang in langs)
     if teacher_data:
         if not _has_dicts(teacher_data, langs):
             raise TeacherError(f"--teacher-data {teacher_data} does not contain the teacher dictionaries {names}")
-        return teacher_data
-    task_cfg, _ = read_checkpoint_config(path)
+        return teacher_data, "--teacher-data"
+    if task_cfg is None:
+        task_cfg, _ = read_checkpoint_config(path)
     recorded = config_value(task_cfg, "data")
-    candidates = [utils.split_paths(recorded)[0]] if recorded else []
-    candidates.append(os.path.dirname(os.path.abspath(path)))
-    for candidate in candidates:
-        if _has_dicts(candidate, langs):
-            return candidate
+    folder = os.path.dirname(os.path.abspath(path))
+    tried = []
+    if recorded:
+        first = utils.split_paths(recorded)[0]
+        resolved = first if os.path.isabs(first) else os.path.join(folder, first)
+        tried.append(f"the data directory recorded in the checkpoint ({recorded!r}"
+                     + (")" if resolved == first else f", taken as {resolved}, beside the checkpoint)"))
+        if _has_dicts(resolved, langs):
+            return resolved, "the data directory recorded in the teacher checkpoint"
+    tried.append(f"the checkpoint's folder ({folder})")
+    if _has_dicts(folder, langs):
+        return folder, "the teacher checkpoint's folder"
     raise TeacherError(
-        f"cannot find the teacher's dictionaries ({names}) for {path}: the data directory recorded in "
-        f"the checkpoint ({recorded!r}) and the checkpoint's folder do not hold them. Pass "
-        "--teacher-data DIR, the directory the teacher was trained with."
+        f"cannot find the teacher's dictionaries ({names}) for {path}: {' and '.join(tried)} do not hold them. "
+        "Pass --teacher-data DIR, the directory the teacher was trained with."
     )
 
 
-def check_same_dictionary(role: str, task_dict: Dictionary, teacher_dict: Dictionary, where: str) -> None:
-    """Fail unless the two dictionaries hold the same symbols in the same order."""
+def resolve_teacher_data(path: str, teacher_data: Optional[str], langs: Sequence[str]) -> str:
+    """The directory that holds the teacher's own ``dict.{lang}.txt`` files (:func:`find_teacher_data`)."""
+    return find_teacher_data(path, teacher_data, langs)[0]
+
+
+def check_same_dictionary(role: str, task_dict: Dictionary, teacher_dict: Dictionary, where: str,
+                          task_where: Optional[str] = None) -> None:
+    """Fail unless the two dictionaries hold the same symbols in the same order. ``where``/``task_where``:
+    the files compared, named in the message."""
     if task_dict.symbols == teacher_dict.symbols:
         return
     n_task, n_teacher = len(task_dict), len(teacher_dict)
@@ -100,15 +121,17 @@ def check_same_dictionary(role: str, task_dict: Dictionary, teacher_dict: Dictio
     )
     show = lambda d, i: repr(d.symbols[i]) if i < len(d) else "<end of dictionary>"  # noqa: E731
     raise TeacherError(
-        f"{role} dictionary mismatch between the task ({n_task} symbols) and the teacher ({n_teacher} "
-        f"symbols, from {where}): first difference at index {first}: task {show(task_dict, first)}, "
-        f"teacher {show(teacher_dict, first)}. Binarize the student's data with the teacher's "
-        "dictionaries (fairseq-preprocess --srcdict/--tgtdict)."
+        f"{role} dictionary mismatch between the task ({n_task} symbols){' from ' + task_where if task_where else ''} "
+        f"and the teacher ({n_teacher} symbols) from {where}: first difference at index {first}: task "
+        f"{show(task_dict, first)}, teacher {show(teacher_dict, first)}. Binarize the student's data with the "
+        "teacher's dictionaries (fairseq-preprocess --srcdict/--tgtdict)."
     )
 
 
-def check_embedding_rows(path: str, model_state: dict, src_dict: Dictionary, tgt_dict: Dictionary) -> None:
-    """The teacher's embedding/output matrices must have one row per dictionary symbol."""
+def check_embedding_rows(path: str, model_state: dict, src_dict: Dictionary, tgt_dict: Dictionary,
+                         where: str = "--teacher-data") -> None:
+    """The teacher's embedding/output matrices must have one row per dictionary symbol. ``where``: where
+    those dictionaries came from, named in the message."""
     checks = [
         ("encoder.embed_tokens.weight", "source", src_dict),
         ("decoder.embed_tokens.weight", "target", tgt_dict),
@@ -119,28 +142,49 @@ def check_embedding_rows(path: str, model_state: dict, src_dict: Dictionary, tgt
         if weight is not None and weight.size(0) != len(dictionary):
             raise TeacherError(
                 f"teacher {path}: {key} has {weight.size(0)} rows but its {role} dictionary has "
-                f"{len(dictionary)} symbols: the dictionaries given by --teacher-data are not the ones "
-                "this teacher was trained with"
+                f"{len(dictionary)} symbols: the dictionaries in {where} are not the ones this teacher was "
+                "trained with; pass --teacher-data DIR, the directory it was trained with"
             )
 
 
-def check_teacher_files(teacher_path: Optional[str], teacher_data: Optional[str], source_lang: str,
-                        target_lang: str, src_dict: Dictionary, tgt_dict: Dictionary) -> List[str]:
-    """Every teacher file exists and its dictionaries equal the task's symbol by symbol, before any
-    weights are read; returns the directory of each one's dictionaries. The one check of the teacher's
-    files, whoever loads it (the training task, ``imitkd-seqkd``)."""
+def check_teacher_paths(teacher_path: Optional[str]) -> List[str]:
+    """The teacher files, each checked to exist."""
     paths = split_teacher_paths(teacher_path)
+    for path in paths:
+        if not os.path.isfile(path):
+            raise TeacherError(f"--teacher-path: no such file: {path}")
+    return paths
+
+
+def check_teacher_files(teacher_path: Optional[str], teacher_data: Optional[str], source_lang: str,
+                        target_lang: str, src_dict: Dictionary, tgt_dict: Dictionary,
+                        data: Optional[str] = None) -> List[str]:
+    """Every teacher file exists, its dictionaries equal the task's symbol by symbol, and its embedding
+    matrices have one row per symbol, before any weights are read (they are memory-mapped); returns the
+    directory of each one's dictionaries. The one check of the teacher's files, whoever loads it (the
+    training task, ``imitkd-seqkd``, ``imitkd-teacher-cache``). ``data``: the task's data directory, named
+    in the messages."""
+    paths = check_teacher_paths(teacher_path)
     if not paths:
         raise TeacherError("this criterion distils from a teacher: pass --teacher-path CHECKPOINT")
     found = []
     for path in paths:
-        if not os.path.isfile(path):
-            raise TeacherError(f"--teacher-path: no such file: {path}")
-        read_checkpoint_config(path)  # a readable fairseq checkpoint (its weights stay on disk)
-        data = resolve_teacher_data(path, teacher_data, (source_lang, target_lang))
+        state = read_fairseq_checkpoint(path, "teacher checkpoint", TeacherError)  # its weights stay on disk
+        task_cfg, _ = _checkpoint_config(state)
+        teacher_dir, how = find_teacher_data(path, teacher_data, (source_lang, target_lang), task_cfg)
+        teacher_dicts = []
         for role, ours, lang in (("source", src_dict, source_lang), ("target", tgt_dict, target_lang)):
-            check_same_dictionary(role, ours, Dictionary.load(os.path.join(data, f"dict.{lang}.txt")), data)
-        found.append(data)
+            name = f"dict.{lang}.txt"
+            theirs = Dictionary.load(os.path.join(teacher_dir, name))
+            check_same_dictionary(role, ours, theirs, f"{os.path.join(teacher_dir, name)} ({how})",
+                                  os.path.join(utils.split_paths(data)[0], name) if data else None)
+            teacher_dicts.append(theirs)
+        model_state = state.get("model")
+        if isinstance(model_state, dict):
+            check_embedding_rows(path, model_state, *teacher_dicts, where=f"{teacher_dir} ({how})")
+        logger.info("teacher %s: dictionaries %s/dict.{%s,%s}.txt (%s), equal to the task's", path, teacher_dir,
+                    source_lang, target_lang, how)
+        found.append(teacher_dir)
     return found
 
 
@@ -240,9 +284,16 @@ def translation_task(data: str, source_lang: Optional[str], target_lang: Optiona
     are given their defaults."""
     from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+    from .splits import explained_split_errors
+
+    class CheckedTranslationTask(TranslationTask):
+        def load_dataset(self, split, **kwargs):  # a missing or uneven split: one line, no traceback
+            with explained_split_errors(self, split, "binarize it with fairseq-preprocess, or name others"):
+                super().load_dataset(split, **kwargs)
+
     cfg = TranslationConfig(data=data, source_lang=source_lang, target_lang=target_lang, train_subset="train",
                             dataset_impl=None, required_seq_len_multiple=1)
-    return TranslationTask.setup_task(cfg)
+    return CheckedTranslationTask.setup_task(cfg)
 
 
 def load_teacher(
@@ -266,7 +317,8 @@ def load_teacher(
         if config_value(cfg.task, "eval_bleu"):
             cfg.task.eval_bleu = False  # the teacher needs no BLEU generator (nor its tokenizer)
         teacher_task = tasks.setup_task(cfg.task)  # its dictionaries: the files check_teacher_files compared
-        check_embedding_rows(path, state["model"], teacher_task.source_dictionary, teacher_task.target_dictionary)
+        check_embedding_rows(path, state["model"], teacher_task.source_dictionary, teacher_task.target_dictionary,
+                             where=data)
         # Building a model draws random initial weights. The teacher is loaded lazily inside the first
         # train step, after fairseq seeded it, so it must not consume the global RNG: else the first
         # update after a resume would differ from the same update in an uninterrupted run.

@@ -31,8 +31,8 @@ from .errors import ImitKDError
 from .losses import tail_mass
 from .seqkd import corpus_files
 from .seqkd.corpus_files import write_json
-from .teacher import (TeacherBase, check_teacher_files, dictionary_fingerprint, file_identity, load_teacher,
-                      split_teacher_paths, translation_task)
+from .teacher import (TeacherBase, check_teacher_files, check_teacher_paths, dictionary_fingerprint, file_identity,
+                      load_teacher, split_teacher_paths, translation_task)
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def build(data: str, out: str, teacher_path: str, k: int, splits: List[str], tea
         raise CacheError("--chunk-sentences and --max-tokens must be >= 1")
     task = translation_task(data, source_lang, target_lang)
     check_teacher_files(teacher_path, teacher_data, task.cfg.source_lang, task.cfg.target_lang,
-                        task.source_dictionary, task.target_dictionary)
+                        task.source_dictionary, task.target_dictionary, data=data)
     vocab = len(task.target_dictionary)
     if k > vocab:
         raise CacheError(f"--topk {k} exceeds the target vocabulary ({vocab} symbols)")
@@ -98,7 +98,22 @@ def build(data: str, out: str, teacher_path: str, k: int, splits: List[str], tea
                 "teachers": [file_identity(p) for p in split_teacher_paths(teacher_path)],
                 "dictionaries": {"src": dictionary_fingerprint(task.source_dictionary),
                                  "tgt": dictionary_fingerprint(task.target_dictionary)}}
+    datasets = {}
+    for split in splits:  # a missing or uneven split is refused before anything is written
+        task.load_dataset(split)
+        datasets[split] = task.dataset(split)
+    created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
+    try:
+        return _build(out, task, datasets, settings, teacher_path, teacher_data, k, vocab, max_tokens,
+                      chunk_sentences, cpu, overwrite)
+    finally:
+        if created and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+
+
+def _build(out, task, datasets, settings, teacher_path, teacher_data, k, vocab, max_tokens, chunk_sentences, cpu,
+           overwrite) -> dict:
     manifest = read_json(os.path.join(out, MANIFEST))
     if manifest is not None and not overwrite:
         diff = _differences(settings, {key: manifest.get(key) for key in settings})
@@ -109,9 +124,7 @@ def build(data: str, out: str, teacher_path: str, k: int, splits: List[str], tea
         manifest = dict(settings, splits={})
     summary = {"output": out, "splits": {}}
     teacher, device = None, torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
-    for split in splits:
-        task.load_dataset(split)
-        dataset = task.dataset(split)
+    for split, dataset in datasets.items():
         ident = split_identity(dataset)
         recorded = manifest["splits"].get(split)
         split_dir = os.path.join(out, split)
@@ -120,15 +133,27 @@ def build(data: str, out: str, teacher_path: str, k: int, splits: List[str], tea
             if diff:
                 raise CacheError(f"{out}/{split} was built from another {split} split ({'; '.join(diff)}): pass "
                                  "--overwrite to rebuild it")
-            if recorded.get("complete"):
-                logger.info("%s: split %s already complete, nothing to do", out, split)
-                summary["splits"][split] = {"reused": True}
-                continue
+            # what the manifest says is checked against what is on disk: a file deleted, truncated or replaced,
+            # or a chunk whose marker is gone, is computed again rather than reported complete
+            problem = _check_split_files(split_dir, dataset, k, vocab)
+            if problem is not None:
+                logger.warning("%s/%s: %s: computing the whole split again", out, split, problem)
+                recorded = None
+            else:
+                missing = _missing_chunks(split_dir, len(dataset))
+                if recorded.get("complete") and not missing:
+                    logger.info("%s: split %s already complete (files and chunk markers checked), nothing to do",
+                                out, split)
+                    summary["splits"][split] = {"reused": True}
+                    continue
+                if recorded.get("complete"):
+                    logger.warning("%s/%s: chunks %s have no done marker in %s: computing them again", out, split,
+                                   missing, PROGRESS)
         if recorded is None or overwrite:
             _allocate(split_dir, dataset, k, vocab)
             write_json(os.path.join(split_dir, PROGRESS), {"chunk_sentences": chunk_sentences, "done": []})
-            manifest["splits"][split] = dict(ident, complete=False)
-            write_json(os.path.join(out, MANIFEST), manifest)
+        manifest["splits"][split] = dict(ident, complete=False)
+        write_json(os.path.join(out, MANIFEST), manifest)
         if teacher is None:
             teacher = load_teacher(teacher_path, teacher_data, task.cfg.source_lang, task.cfg.target_lang,
                                    task.source_dictionary, task.target_dictionary).to(device=device)
@@ -141,6 +166,43 @@ def build(data: str, out: str, teacher_path: str, k: int, splits: List[str], tea
         logger.info("%s/%s: %d sentences, %d positions, %d chunks computed in %.1f s", out, split,
                     ident["sentences"], ident["positions"], computed, time.time() - start)
     return summary
+
+
+def _array_shapes(dataset, k: int, vocab: int) -> Dict[str, tuple]:
+    """``{name: (shape, dtype)}`` of a split's arrays."""
+    n, positions = len(dataset), int(np.asarray(dataset.tgt_sizes, dtype=np.int64).sum())
+    return {"offsets": ((n + 1,), np.int64), "values": ((positions, k), np.float16),
+            "indices": ((positions, k), index_dtype(vocab)), "tail": ((positions,), np.float32)}
+
+
+def _check_split_files(split_dir: str, dataset, k: int, vocab: int) -> Optional[str]:
+    """What is wrong with a split's files on disk (missing, unreadable, truncated, another shape), or None."""
+    progress = read_json(os.path.join(split_dir, PROGRESS))
+    if progress is None or not isinstance(progress.get("chunk_sentences"), int) or progress["chunk_sentences"] < 1:
+        return f"{PROGRESS} is missing or damaged"
+    for name, (shape, dtype) in _array_shapes(dataset, k, vocab).items():
+        path = os.path.join(split_dir, f"{name}.npy")
+        if not os.path.isfile(path):
+            return f"{name}.npy is missing"
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:  # a truncated file cannot be memory-mapped
+            return f"{name}.npy cannot be read ({e})"
+        if array.shape != shape or array.dtype != dtype:
+            return f"{name}.npy holds {array.dtype}{list(array.shape)}, the split needs {np.dtype(dtype)}{list(shape)}"
+    sizes = np.asarray(dataset.tgt_sizes, dtype=np.int64)
+    offsets = np.load(os.path.join(split_dir, "offsets.npy"))
+    if offsets[0] != 0 or not np.array_equal(np.diff(offsets), sizes):
+        return "offsets.npy does not match the split's target lengths"
+    return None
+
+
+def _missing_chunks(split_dir: str, n: int) -> List[int]:
+    """The chunks of a split of ``n`` sentences that its progress record does not mark done."""
+    progress = read_json(os.path.join(split_dir, PROGRESS))
+    size = progress["chunk_sentences"]
+    done = set(progress.get("done", []))
+    return [c for c in range((n + size - 1) // size) if c not in done]
 
 
 def _allocate(split_dir: str, dataset, k: int, vocab: int) -> None:
@@ -261,7 +323,7 @@ class TeacherCache:
         if diff:
             raise CacheError(f"teacher cache {directory} was built with other dictionaries ({'; '.join(diff)})")
         if teacher_path:
-            teachers = [file_identity(p) for p in split_teacher_paths(teacher_path)]
+            teachers = [file_identity(p) for p in check_teacher_paths(teacher_path)]
             if teachers != manifest.get("teachers"):
                 raise CacheError(f"teacher cache {directory} was built from another teacher than --teacher-path "
                                  f"{teacher_path} (sha256 {[t['sha256'][:12] for t in manifest.get('teachers', [])]} "

@@ -360,3 +360,26 @@ def test_the_deployment_setting_is_compared_with_fairseq_at_the_same_limit():
     assert "Deployed as a user would" in text
     # 4000/50 = 80, 4000/200 = 20; BLEU against fairseq at 64 pieces (24.0), not at 200 (20.0)
     assert "| a | 300.0 | 4000.0 | 80.0 | 20.0 | 24.00 → 23.75 |" in text
+
+
+def test_without_matplotlib_the_results_are_written_unplotted_after_one_warning(tmp_path, monkeypatch, capsys):
+    """matplotlib is an extra ([bench]): without it the run says so once, at its start, and writes its results
+    without the plot, instead of ending in a traceback at the plot after hours of training."""
+    import logging
+
+    import data
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(data, "check_inputs", lambda *a: None)
+    out = tmp_path / "out"
+    argv = ["--report-only", "--workdir", str(tmp_path / "work"), "--out-dir", str(out)]
+    ctx = run.Context(run.parse_args(argv))
+    _finished_run(ctx, "scratch", 1, 10.0)
+    capsys.readouterr()
+    assert run.main(argv) == 0  # it logs to stdout (logging.basicConfig(force=True))
+    logging.getLogger().handlers.clear()  # its handler holds pytest's captured stdout
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "without the BLEU-against-speed plot" in warnings[0], warnings
+    written = sorted(p.name for p in out.iterdir())
+    assert "results.json" in written and "results.md" in written and not any(n.endswith(".png") for n in written)
+    assert "![" not in (out / "results.md").read_text()

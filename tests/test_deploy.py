@@ -227,6 +227,31 @@ def test_bad_exports_are_one_line_and_write_nothing(word_kd_student, tmp_path):
     assert "not a CTranslate2 model directory" in msg, msg
 
 
+def test_export_hints_about_the_data_directory_are_true(word_kd_student, toy_data, tmp_path):
+    """A checkpoint whose recorded data directory is gone is told to pass --data; one whose directory does not
+    tell the language pair is told to pass --source-lang/--target-lang, and doing so works."""
+    state = torch.load(word_kd_student / "checkpoint_best.pt")
+    state["cfg"]["task"]["source_lang"] = state["cfg"]["task"]["target_lang"] = None
+    state["cfg"]["task"]["data"] = str(tmp_path / "gone")
+    gone = tmp_path / "gone.pt"
+    torch.save(state, gone)
+    msg = _one_line_error(_export(gone, "-o", tmp_path / "a", "--source-lang", "src", "--target-lang", "tgt"),
+                          "imitkd-export")
+    assert str(tmp_path / "gone") in msg and "does not exist" in msg and "pass --data DIR" in msg, msg
+    assert "--source-lang" not in msg, msg
+
+    three = tmp_path / "three"  # a third dictionary: the pair cannot be inferred from the file names
+    three.mkdir()
+    for lang in ("src", "tgt", "xx"):
+        (three / f"dict.{lang}.txt").write_text((toy_data / "dict.src.txt").read_text())
+    msg = _one_line_error(_export(gone, "-o", tmp_path / "b", "--data", three), "imitkd-export")
+    assert "pass --source-lang and --target-lang" in msg, msg
+    proc = _export(gone, "-o", tmp_path / "c", "--data", three, "--source-lang", "src", "--target-lang", "tgt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "c" / "imitkd_export.json").read_text())
+    assert (manifest["source_lang"], manifest["target_lang"]) == ("src", "tgt")
+
+
 def test_vmap_builder_counts_pairs_analytically():
     from fairseq_imitkd_vmap import build_vmap
 
@@ -292,3 +317,75 @@ def test_a_vmap_export_translates_with_the_restricted_vocabulary(word_kd_student
     bad = subprocess.run([sys.executable, "-m", "fairseq_imitkd_vmap", "--source", tmp_path / "nosuch", "--target",
                           hyps, "-o", tmp_path / "v"], capture_output=True, text=True, env=ENV, timeout=300)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("imitkd-vmap: --source")
+
+
+def _fake_model(tmp_path):
+    """A directory that passes imitkd-translate's checks (its weights are never read by these tests)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.bin").write_bytes(b"")
+    return model
+
+
+@pytest.mark.parametrize("link", ["same", "relative", "symlink", "hardlink"])
+def test_translating_a_file_into_itself_is_refused_and_keeps_it(tmp_path, link):
+    model, text = _fake_model(tmp_path), tmp_path / "text.txt"
+    text.write_text("s1 s2\ns3\n")
+    output = {"same": text, "relative": tmp_path / "." / "text.txt", "symlink": tmp_path / "link.txt",
+              "hardlink": tmp_path / "hard.txt"}[link]
+    if link == "symlink":
+        output.symlink_to(text)
+    elif link == "hardlink":
+        os.link(text, output)
+    msg = _one_line_error(_translate(model, "-i", text, "-o", output), "imitkd-translate")
+    assert "is the input file" in msg and str(output) in msg, msg
+    assert text.read_text() == "s1 s2\ns3\n"
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "a_directory", "stats_in_a_missing_dir"])
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, where):
+    """Refused before anything is translated (the --stats file is written last, after the whole file)."""
+    model, text = _fake_model(tmp_path), tmp_path / "text.txt"
+    text.write_text("s1 s2\n")
+    output = {"missing_dir": tmp_path / "nowhere" / "out.txt", "a_directory": tmp_path}.get(where, tmp_path / "out")
+    stats = ["--stats", tmp_path / "nowhere" / "stats.json"] if where == "stats_in_a_missing_dir" else []
+    msg = _one_line_error(_translate(model, "-i", text, "-o", output, *stats), "imitkd-translate")
+    named = stats[1] if stats else output
+    assert str(named) in msg and ("is a directory" if where == "a_directory" else "does not exist") in msg, msg
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_failed_translation_leaves_the_previous_output_in_place(tmp_path, monkeypatch):
+    """The output is written beside the target and renamed at the end: a crash mid-file keeps the old file,
+    and leaves no temporary file behind; a finished run replaces it."""
+    import types
+
+    import fairseq_imitkd_translate as translate
+
+    class Translator:
+        fail = True
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def translate_file(self, source, output, **kwargs):
+            with open(output, "w") as f:
+                f.write("half a transl")
+                if Translator.fail:
+                    raise RuntimeError("killed mid-file")
+                f.write("ation\n")
+            return types.SimpleNamespace(num_examples=1, num_tokens=2, total_time_in_ms=1.0)
+
+    monkeypatch.setitem(sys.modules, "ctranslate2", types.SimpleNamespace(Translator=Translator))
+    model, text, out = _fake_model(tmp_path), tmp_path / "text.txt", tmp_path / "out.txt"
+    text.write_text("s1 s2\n")
+    out.write_text("the previous translations\n")
+    args = translate.parse_args([str(model), "-i", str(text), "-o", str(out)])
+    with pytest.raises(RuntimeError, match="killed mid-file"):
+        translate.translate(args)
+    assert out.read_text() == "the previous translations\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.txt", "text.txt"]
+    Translator.fail = False
+    assert translate.translate(args)["sentences"] == 1
+    assert out.read_text() == "half a translation\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.txt", "text.txt"]

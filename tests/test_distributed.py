@@ -95,6 +95,39 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(toy_data, teacher, tm
     assert loss_two == pytest.approx(loss_one, rel=1e-5)
 
 
+@pytest.mark.parametrize("criterion", ["word_kd", "imitkd"])
+def test_two_nodes_of_one_process_each_train_one_model(toy_data, teacher, tmp_path, criterion):
+    """README's several-machines route, ``torchrun --nnodes 2 --node_rank R``, as two nodes on localhost of one
+    CPU process each over gloo: both ranks hold identical parameters after every update."""
+    out = tmp_path / "run"
+    out.mkdir()
+    args = [str(toy_data), "--user-dir", USER_DIR, "--task", "distillation", "--teacher-path", str(teacher),
+            *CRITERIA[criterion], *STUDENT, *COMMON_TRAIN, "--dropout", "0", "--max-tokens", "1000",
+            "--max-update", "3", "--log-interval", "1", "--save-dir", str(out / "save"), "--no-save", *CPU_DDP]
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", IMITKD_PROBE_DIR=str(out))
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                               str(node), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
+                               str(port), PROBE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env)
+             for node in (0, 1)]
+    try:
+        results = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    for node, (_, err) in zip(nodes, results):
+        assert node.returncode == 0, err[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1] and [r["teacher_loads"] for r in ranks] == [1, 1]
+    assert len(ranks[0]["updates"]) == len(ranks[1]["updates"]) == 3
+    for step0, step1 in zip(*(r["updates"] for r in ranks)):
+        assert step0["update"] == step1["update"]
+        assert step0["ids"] and step1["ids"] and not set(step0["ids"]) & set(step1["ids"])  # one shard per node
+        assert step0["params_sha"] == step1["params_sha"], step0["update"]
+
+
 def _cfg(**dt):
     base = dict(distributed_world_size=1, distributed_init_method=None, distributed_no_spawn=False,
                 distributed_rank=0, device_id=0, ddp_backend="pytorch_ddp", distributed_backend="nccl")

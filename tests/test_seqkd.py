@@ -208,6 +208,25 @@ def test_missing_split(small_data, teacher, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_split_whose_sides_differ_in_length(small_data, teacher, tmp_path, capsys):
+    """A seq-KD directory cut short given back to imitkd-seqkd: one line with both counts, not an assertion."""
+    from conftest import fairseq_preprocess, write_split
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    write_split(tmp_path, "short", 20, seed=5)  # train: 100 sources, the targets of a 20-sentence split
+    fairseq_preprocess("--source-lang", "src", "--target-lang", "tgt", "--srcdict", data / "dict.src.txt",
+                       "--tgtdict", data / "dict.tgt.txt", "--trainpref", tmp_path / "short", "--destdir",
+                       tmp_path / "short_bin", "--workers", "1")
+    for ext in ("bin", "idx"):
+        shutil.copy(tmp_path / "short_bin" / f"train.src-tgt.tgt.{ext}", data / f"train.src-tgt.tgt.{ext}")
+    out = tmp_path / "out"
+    code, err = seqkd_main(capsys, data, "-o", out, "--teacher-path", teacher, *RUN)
+    assert code == 2 and "Traceback" not in err and "AssertionError" not in err, err
+    assert "split 'train'" in err and "100 source sentences (src) but 20 targets (tgt)" in err, err
+    assert not out.exists()
+
+
 def test_console_script_exits_2_without_a_traceback(small_data, teacher, tmp_path):
     """The installed ``imitkd-seqkd`` itself: one line on stderr naming the problem, exit code 2."""
     out = tmp_path / "out"

@@ -97,6 +97,14 @@ def test_a_cache_of_another_teacher_is_refused(toy_data, teacher, cache, tmp_pat
         _criterion(toy_data, "--kd-teacher-cache", cache, "--teacher-path", other)
 
 
+def test_a_cache_checked_against_a_teacher_file_that_does_not_exist_is_refused(toy_data, cache, tmp_path):
+    """--teacher-path only names the teacher the cache is checked against here: it must still exist."""
+    from fairseq_imitkd.teacher import TeacherError
+
+    with pytest.raises(TeacherError, match=f"no such file: {tmp_path / 'none.pt'}"):
+        _criterion(toy_data, "--kd-teacher-cache", cache, "--teacher-path", tmp_path / "none.pt")
+
+
 def test_a_cache_of_other_dictionaries_is_refused(toy_data, cache, tmp_path):
     data = tmp_path / "reordered"
     shutil.copytree(toy_data, data)
@@ -114,10 +122,29 @@ def test_a_cache_of_another_split_is_refused(toy_data, cache, tmp_path):
     for lang in ("src", "tgt"):
         for ext in ("bin", "idx"):
             shutil.copy(toy_data / f"valid.src-tgt.{lang}.{ext}", data / f"train.src-tgt.{lang}.{ext}")
+    # refused when the split is loaded, before the first update (after which fairseq writes crash.pt)
     task, _, criterion = _criterion(data, "--kd-teacher-cache", cache)
-    task.load_dataset("train")
     with pytest.raises(CacheError, match=r"built from another train split \(.*sentences: 2000 in the cache, 100 here"):
-        criterion.cache.split("train", task.dataset("train"))
+        task.load_dataset("train")
+    save = tmp_path / "save"
+    with pytest.raises(CacheError, match="built from another train split"):
+        fairseq_train(data, "--task", "distillation", "--criterion", "word_kd", "--kd-alpha", "0.5",
+                      "--kd-teacher-cache", cache, *STUDENT, *COMMON_TRAIN, "--max-update", "2", "--save-dir", save)
+    assert not list(save.glob("*.pt")), "no checkpoint, no crash.pt"
+
+
+def test_a_cache_of_another_valid_split_is_refused_when_the_criterion_is_built(toy_data, cache, tmp_path):
+    """fairseq-train loads the valid splits before it builds the criterion: they are checked then."""
+
+    data = tmp_path / "other_valid"
+    shutil.copytree(toy_data, data)
+    for lang in ("src", "tgt"):
+        for ext in ("bin", "idx"):
+            shutil.copy(toy_data / f"test.src-tgt.{lang}.{ext}", data / f"valid.src-tgt.{lang}.{ext}")
+    with pytest.raises(CacheError, match="built from another valid split"):
+        fairseq_train(data, "--task", "distillation", "--criterion", "word_kd", "--kd-alpha", "0.5",
+                      "--kd-teacher-cache", cache, *STUDENT, *COMMON_TRAIN, "--max-update", "2",
+                      "--save-dir", tmp_path / "save")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "incomplete"])
@@ -134,9 +161,8 @@ def test_a_damaged_or_unfinished_cache_is_refused(toy_data, cache, tmp_path, dam
         (copy / "manifest.json").write_text(json.dumps(manifest))
         match = "is incomplete: run imitkd-teacher-cache again"
     task, _, criterion = _criterion(toy_data, "--kd-teacher-cache", copy)
-    task.load_dataset("train")
     with pytest.raises(CacheError, match=match):
-        criterion.cache.split("train", task.dataset("train"))
+        task.load_dataset("train")
 
 
 # --- building -------------------------------------------------------------------------------------------
@@ -174,3 +200,57 @@ def test_building_over_a_cache_of_other_settings_is_one_line(toy_data, teacher, 
     assert last.startswith("imitkd-teacher-cache: ") and "k: 4 in the cache, 8 here" in last and "--overwrite" in last
     assert "Traceback" not in proc.stderr
     assert json.loads((copy / "manifest.json").read_text())["k"] == K  # untouched
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "marker"])
+def test_rebuilding_a_complete_cache_checks_its_files(toy_data, teacher, cache, tmp_path, damage, caplog):
+    """A cache whose manifest says complete but whose files say otherwise is computed again, not reported
+    "already complete": a deleted or truncated array (the whole split), a chunk without its done marker."""
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    if damage == "deleted":
+        (copy / "train" / "values.npy").unlink()
+    elif damage == "truncated":
+        path = copy / "train" / "tail.npy"
+        path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    else:
+        progress = json.loads((copy / "train" / "progress.json").read_text())
+        progress["done"].remove(2)
+        (copy / "train" / "progress.json").write_text(json.dumps(progress))
+        offsets = np.load(copy / "train" / "offsets.npy")
+        values = np.load(copy / "train" / "values.npy", mmap_mode="r+")
+        values[offsets[1000]:offsets[1500]] = 0
+        values.flush()
+        del values
+    summary = build(str(toy_data), str(copy), str(teacher), K, ["train", "valid"], chunk_sentences=500, cpu=True)
+    assert summary["splits"]["train"]["chunks_computed"] == (1 if damage == "marker" else 4), summary
+    assert summary["splits"]["valid"] == {"reused": True}
+    assert {"deleted": "values.npy is missing", "truncated": "tail.npy cannot be read",
+            "marker": "chunks [2] have no done marker"}[damage] in caplog.text, caplog.text
+    for name in ("offsets", "values", "indices", "tail"):
+        assert np.array_equal(np.load(copy / "train" / f"{name}.npy"), np.load(cache / "train" / f"{name}.npy"))
+    assert json.loads((copy / "manifest.json").read_text())["splits"]["train"]["complete"]
+
+
+@pytest.mark.parametrize("bad", ["uneven", "missing"])
+def test_a_bad_split_is_one_line_and_leaves_no_output(toy_data, teacher, tmp_path, bad):
+    """A seq-KD directory whose sides differ in length, or a split that is not there: one line naming it,
+    and no (empty) cache directory left behind."""
+    data = tmp_path / "data"
+    shutil.copytree(toy_data, data)
+    if bad == "uneven":
+        for ext in ("bin", "idx"):
+            shutil.copy(toy_data / f"valid.src-tgt.tgt.{ext}", data / f"train.src-tgt.tgt.{ext}")
+    out = tmp_path / "cache"
+    splits = "train,valid" if bad == "uneven" else "train,dev"
+    proc = subprocess.run([sys.executable, "-m", "fairseq_imitkd.teacher_cache", str(data), "-o", str(out),
+                           "--teacher-path", str(teacher), "--topk", "4", "--cpu", "--splits", splits],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("imitkd-teacher-cache: "), proc.stderr[-3000:]
+    if bad == "uneven":
+        assert "split 'train'" in last and "2000 source sentences (src) but 100 targets (tgt)" in last, last
+    else:
+        assert "split 'dev' not found" in last and "splits there: test, train, valid" in last, last
+    assert not out.exists()

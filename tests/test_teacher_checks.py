@@ -1,8 +1,8 @@
 """Bad teachers, dictionaries and flags fail fast, before any training, with a message naming the problem.
 
 Every check here is reached the way fairseq-train reaches it: the command line is parsed, the task set
-up, the student built, and the error comes from ``task.build_criterion`` (or, for the embedding-row
-check, from the first time the criterion asks the task for its teacher).
+up, the student built, and the error comes from ``task.build_criterion``, before fairseq's trainer could
+write a ``crash.pt``.
 """
 import os
 import shutil
@@ -183,16 +183,68 @@ def test_dictionaries_that_are_not_the_teachers_own(toy_data, teacher, tmp_path)
         load_teacher(str(teacher), str(big), "src", "tgt", big_dict, big_dict)
     assert expected in str(info.value) and str(teacher) in str(info.value), info.value
 
-    # through the task: the dictionary comparison passes (same files), the first teacher() call fails
+    # through the task: the dictionary comparison passes (same files), and the embedding rows are checked
+    # with it, at build time, before fairseq could write a crash.pt at the first update
     # (a folder with dictionaries only: the task cannot infer the language pair from data files)
-    task, _, criterion = build_training_objects(
+    msg = criterion_error(
         *kd_args(big, "--teacher-path", teacher, "--teacher-data", big, "--source-lang", "src", "--target-lang", "tgt")
     )
-    assert len(task.source_dictionary) == symbols
-    with pytest.raises(TeacherError) as info:
-        task.teacher(torch.device("cpu"))
-    assert expected in str(info.value), info.value
-    assert task._teacher is None
+    assert expected in msg and f"the dictionaries in {big} (--teacher-data)" in msg, msg
+
+
+def _teacher_recording(teacher: Path, folder: Path, data: str) -> Path:
+    """A copy of the teacher in ``folder`` whose checkpoint records ``data`` as its data directory."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = torch.load(teacher, map_location="cpu")
+    state["cfg"]["task"]["data"] = data
+    torch.save(state, folder / "teacher.pt")
+    return folder / "teacher.pt"
+
+
+def test_a_relative_recorded_data_dir_never_resolves_against_the_current_directory(
+        toy_data, teacher, tmp_path, monkeypatch, caplog):
+    """The teacher records ``bin``; run from a folder whose ``bin`` is the student's data, the check would
+    compare the student's dictionaries with themselves and pass a teacher whose symbols are swapped.
+    ``bin`` is taken beside the checkpoint, and the log says which dictionaries were compared."""
+    import logging
+
+    work = tmp_path / "work"
+    copy_dicts(toy_data, work / "bin")
+    monkeypatch.chdir(work)
+    path = _teacher_recording(teacher, tmp_path / "shipped", "bin")
+    args = kd_args(toy_data, "--teacher-path", path)
+    msg = criterion_error(*args)  # nothing beside the checkpoint: not the cwd's bin
+    assert "cannot find the teacher's dictionaries" in msg and str(tmp_path / "shipped" / "bin") in msg, msg
+    assert "--teacher-data" in msg, msg
+
+    first, second = swap_lines(copy_dicts(toy_data, tmp_path / "shipped" / "bin") / "dict.tgt.txt", 2, 3)
+    msg = criterion_error(*args)  # the teacher's own, swapped, dictionaries
+    assert f"task {first!r}, teacher {second!r}" in msg and str(tmp_path / "shipped" / "bin") in msg, msg
+
+    copy_dicts(toy_data, tmp_path / "shipped" / "bin")
+    with caplog.at_level(logging.INFO, logger="fairseq_imitkd.teacher"):
+        build_training_objects(*args)
+    assert f"dictionaries {tmp_path / 'shipped' / 'bin'}/dict.{{src,tgt}}.txt" in caplog.text, caplog.text
+    assert "recorded in the teacher checkpoint" in caplog.text, caplog.text
+
+
+def test_a_mismatch_names_both_dictionary_files_and_where_the_teachers_came_from(toy_data, teacher, tmp_path):
+    """No --teacher-data: the message must not blame it, and must say what was compared with what."""
+    path = _teacher_recording(teacher, tmp_path / "shipped", "/nonexistent")
+    first, second = swap_lines(copy_dicts(toy_data, tmp_path / "shipped") / "dict.src.txt", 0, 1)
+    msg = criterion_error(*kd_args(toy_data, "--teacher-path", path))
+    assert f"from {toy_data / 'dict.src.txt'}" in msg, msg
+    assert f"from {tmp_path / 'shipped' / 'dict.src.txt'} (the teacher checkpoint's folder)" in msg, msg
+    assert f"task {first!r}, teacher {second!r}" in msg and "given by --teacher-data" not in msg, msg
+
+    # the student's data binarized with its own, bigger, dictionary, and the same files beside the teacher
+    for name in DICTS:
+        with open(tmp_path / "shipped" / name, "w") as f:
+            f.write((toy_data / name).read_text() + "".join(f"new{i} 1\n" for i in range(3)))
+    data = copy_dicts(tmp_path / "shipped", tmp_path / "own")
+    msg = criterion_error(*kd_args(data, "--teacher-path", path, "--source-lang", "src", "--target-lang", "tgt"))
+    assert f"the dictionaries in {tmp_path / 'shipped'} (the teacher checkpoint's folder)" in msg, msg
+    assert "given by --teacher-data" not in msg, msg
 
 
 # --- flags ----------------------------------------------------------------------------------------
@@ -259,6 +311,47 @@ def test_a_split_whose_sides_differ_in_length_is_named(toy_data, tmp_path):
     task, _, _ = build_training_objects(bad, "--task", "distillation", *STUDENT)
     with pytest.raises(ValueError, match=r"split 'train' of .*: 2000 source sentences \(src\) but 100 targets"):
         task.load_dataset("train")
+
+
+def test_a_data_dir_without_the_split_is_one_line(toy_data, tmp_path):
+    """fairseq's own FileNotFoundError traceback, named in one line with the splits that are there; through
+    the real fairseq-train (which loads the valid split before anything else)."""
+    data = tmp_path / "no_valid"
+    data.mkdir()
+    for f in toy_data.iterdir():
+        if not f.name.startswith("valid."):
+            shutil.copy(f, data / f.name)
+    task, _, _ = build_training_objects(data, "--task", "distillation", *STUDENT)
+    with pytest.raises(ValueError, match=r"split 'valid' not found in .*no_valid.*splits there: test, train\)"):
+        task.load_dataset("valid")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", USER_DIR, "--task", "distillation",
+         *STUDENT, "--optimizer", "adam", "--lr", "0.001", "--max-tokens", "2000", "--num-workers", "0",
+         "--max-update", "1", "--save-dir", str(tmp_path / "save"), "--no-progress-bar"],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImitKDError: split 'valid' not found") and "--valid-subset" in last, last
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_teacher_path_that_no_criterion_uses(toy_data, teacher, tmp_path, exists, caplog):
+    """label_smoothed_cross_entropy uses no teacher: a file that does not exist is refused, one that does
+    is named unused in one warning."""
+    import logging
+
+    path = teacher if exists else tmp_path / "nowhere.pt"
+    args = [toy_data, "--task", "distillation", "--teacher-path", path, *STUDENT,
+            "--criterion", "label_smoothed_cross_entropy"]
+    if not exists:
+        msg = criterion_error(*args)
+        assert "no such file" in msg and str(path) in msg, msg
+        return
+    with caplog.at_level(logging.WARNING):
+        task, _, _ = build_training_objects(*args)
+    warned = [r.getMessage() for r in caplog.records if "unused" in r.getMessage()]
+    assert warned == [f"--teacher-path {path} is unused: criterion label_smoothed_cross_entropy uses no teacher"]
+    assert task._teacher is None
 
 
 # --- a student whose dictionaries do not match the data ---------------------------------------------

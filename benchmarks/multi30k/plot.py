@@ -1,6 +1,19 @@
 """BLEU against decoding speed, one point per method and decode."""
 
 
+MISSING = ("matplotlib is not installed (pip install 'fairseq-imitkd[bench]'): the results are written without "
+           "the BLEU-against-speed plot")
+
+
+def available() -> bool:
+    """Whether matplotlib can be imported: without it the benchmark still writes its results, unplotted."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot(res: dict, path: str) -> None:
     import matplotlib
     import matplotlib.ticker

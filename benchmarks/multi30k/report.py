@@ -51,8 +51,9 @@ def write(ctx, ledger: List[dict]) -> str:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1)
         f.write("\n")
-    png = f"bleu_vs_speed{suffix}.png"
-    plot.plot(res, os.path.join(ctx.args.out_dir, png))
+    png = f"bleu_vs_speed{suffix}.png" if plot.available() else None  # run.main warned at its start if not
+    if png:
+        plot.plot(res, os.path.join(ctx.args.out_dir, png))
     with open(os.path.join(ctx.args.out_dir, f"results{suffix}.md"), "w", encoding="utf-8") as f:
         f.write(tables.markdown(res, png))
     if suffix in tables.README_MARKERS and os.path.abspath(ctx.args.out_dir) == HERE:

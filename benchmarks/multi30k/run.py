@@ -38,6 +38,7 @@ from archive import read_json, write_json
 import data
 import evaluate
 import methods
+import plot
 import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -337,6 +338,8 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
                         stream=sys.stdout, force=True)  # an import may have configured logging already
     data.check_inputs(args.text_dir, args.teacher_dir)
+    if not plot.available():  # said once, at the start, not after hours of training
+        logger.warning(plot.MISSING)
     ctx = Context(args)
     if args.report_only:
         archive_finished(ctx)

@@ -1,6 +1,6 @@
 """The results as markdown: the full table of results*.md, and the compact one README.md shows."""
 import os
-from typing import List
+from typing import List, Optional
 
 import collect
 import methods
@@ -130,7 +130,7 @@ def _bleu_cell(rec: dict, key: str) -> str:
     return _fmt(rec.get(key), 2)
 
 
-def markdown(res: dict, png: str) -> str:
+def markdown(res: dict, png: Optional[str]) -> str:
     s = res["setup"]
     tier = s["tier"]
     lines = [
@@ -174,7 +174,7 @@ def markdown(res: dict, png: str) -> str:
               f"speeds is the machine's noise on runs of a few seconds. Their median, {_fmt(med)} sentences/s greedy at "
               f"batch 64, is {_fmt(collect.ratio(med, res['teacher_sents_per_sec']))}× the teacher's beam 5 and "
               f"{_fmt(collect.ratio(med, res['teacher_speed'].get('greedy_b64')))}× its greedy decoding.",
-              "", f"![BLEU against decoding speed]({png})", ""]
+              ""] + ([f"![BLEU against decoding speed]({png})", ""] if png else [])
     if res.get("ctranslate2_speed"):
         lines += ["## Deployment speed (CTranslate2)", "", ct2_table(res).strip(), ""]
     if res["ablations"]:

@@ -80,6 +80,12 @@ class WordKDCriterion(KDCriterion):
                               "on: build it with --splits train,valid, or pass --teacher-path")
         self.needs_teacher = not self.cache.has(self.subsets[False])  # the task checks the teacher's files if so
 
+    def check_split(self, name: str, dataset) -> None:
+        """Called by the task when it loads a split: a cache of that split is opened and checked against it
+        now (sentences, lengths, array shapes), not at the first update, after fairseq has written crash.pt."""
+        if self.cache is not None and self.cache.has(name):
+            self.cache.split(name, dataset)
+
     def _teacher_log_probs(self, model, sample, inputs, mask):
         """The teacher's ``(N, V)`` log-probs at the scored positions, or, from a cache, its ``(N, K+1)`` top-k
         and tail buckets with the ``(N, K)`` tokens they belong to."""

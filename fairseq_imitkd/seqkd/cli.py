@@ -351,7 +351,7 @@ def setup_task(args):
     their dictionaries (from --teacher-data or the checkpoint's defaults) equal DATA's symbol by symbol."""
     task = translation_task(args.data, args.source_lang, args.target_lang)
     check_teacher_files(args.teacher_path, args.teacher_data, args.source_lang, args.target_lang,
-                        task.source_dictionary, task.target_dictionary)
+                        task.source_dictionary, task.target_dictionary, data=args.data)
     return task
 
 

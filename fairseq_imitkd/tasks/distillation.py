@@ -11,7 +11,9 @@ from omegaconf import II
 
 from ..checkpoint_loading import read_checkpoint_lazily
 from ..errors import ImitKDError, OptionError
-from ..teacher import TeacherBase, check_teacher_files, dictionary_fingerprint, load_teacher
+from ..splits import explained_split_errors
+from ..teacher import (TeacherBase, check_teacher_files, check_teacher_paths, dictionary_fingerprint,
+                       load_teacher)
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +79,20 @@ class DistillationTask(TranslationTask):
     def check_teacher_files(self) -> None:
         """Fail fast, before any data is loaded, on a missing teacher or mismatched dictionaries."""
         check_teacher_files(self.cfg.teacher_path, self.cfg.teacher_data, self.cfg.source_lang, self.cfg.target_lang,
-                            self.src_dict, self.tgt_dict)
+                            self.src_dict, self.tgt_dict, data=self.cfg.data)
 
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg, from_checkpoint)
         if getattr(criterion, "needs_teacher", False):
             self.check_teacher_files()
+        elif self.cfg.teacher_path:
+            check_teacher_paths(self.cfg.teacher_path)  # a file that does not exist never passes silently
+            if getattr(criterion, "cache", None) is None:  # else it names the teacher the cache is checked against
+                logger.warning("--teacher-path %s is unused: criterion %s uses no teacher", self.cfg.teacher_path,
+                               getattr(cfg, "_name", type(criterion).__name__))
         self._criterion = criterion
+        for split in list(self.datasets):  # fairseq-train loads the valid splits before building the criterion
+            self._check_split_for_criterion(split)
         return criterion
 
     # Schedule state (ImitKD's agreement clock) lives in the checkpoint's task_state. This fairseq build's
@@ -180,23 +189,18 @@ class DistillationTask(TranslationTask):
         return self._teacher
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
-        """fairseq's, with its bare assertion on a split whose two sides differ in length (a seq-KD corpus
-        written by hand or cut short) turned into an error that names the split and both counts."""
-        try:
+        """fairseq's, with its traceback for a split that is missing or whose two sides differ in length (a
+        seq-KD corpus written by hand or cut short) turned into one error naming the split; the criterion
+        then checks what it holds for this split (a teacher cache), before any training step."""
+        with explained_split_errors(self, split, "binarize it with fairseq-preprocess, or name the splits to use "
+                                    "with --train-subset/--valid-subset"):
             super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
-        except AssertionError as e:
-            if "same number of examples" not in str(e):
-                raise
-            from fairseq.data import data_utils
+        self._check_split_for_criterion(split)
 
-            prefix = os.path.join(self.cfg.data.split(os.pathsep)[0], f"{split}.{self.cfg.source_lang}-"
-                                  f"{self.cfg.target_lang}.")
-            counts = {lang: len(data_utils.load_indexed_dataset(prefix + lang, d))
-                      for lang, d in ((self.cfg.source_lang, self.src_dict), (self.cfg.target_lang, self.tgt_dict))}
-            raise ImitKDError(f"split {split!r} of {self.cfg.data}: {counts[self.cfg.source_lang]} source sentences "
-                             f"({self.cfg.source_lang}) but {counts[self.cfg.target_lang]} targets "
-                             f"({self.cfg.target_lang}); every source line needs its target (rebuild a seq-KD corpus "
-                             "with imitkd-seqkd)") from e
+    def _check_split_for_criterion(self, split) -> None:
+        check = getattr(self._criterion, "check_split", None)
+        if check is not None and split in self.datasets:
+            check(split, self.datasets[split])
 
     def get_batch_iterator(self, dataset, **kwargs):
         """fairseq builds a run's training batches once, seeded by the epoch its iterator is created in:
