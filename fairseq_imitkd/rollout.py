@@ -171,6 +171,18 @@ def _advance_scores(cum_scores: Tensor, lprobs: Tensor, chosen: Tensor, step: in
     return new.masked_fill_(~torch.isfinite(new), 0.0)
 
 
+def teacher_forcing_layout(out: Tensor, lengths: Tensor, eos: int, pad: int):
+    """``(tokens, prev_output_tokens, after_end)`` of a :class:`Rollout` from the generated tokens ``out``
+    (B, >= max length; pad after each row's end) and the rows' lengths (final EOS included)."""
+    width = int(lengths.max())
+    tokens = out[:, :width].contiguous()  # criterions call .view(-1) on targets
+    positions = torch.arange(width, device=out.device).unsqueeze(0)
+    after_end = positions >= lengths.unsqueeze(1)
+    prev_output_tokens = torch.cat([tokens.new_full((tokens.size(0), 1), eos), tokens[:, :-1]], dim=1)
+    prev_output_tokens.masked_fill_(after_end, pad)
+    return tokens, prev_output_tokens, after_end
+
+
 @torch.no_grad()
 def rollout(
     model: nn.Module,
@@ -366,12 +378,7 @@ def _decode(
                 policies[name][1] = ens.reorder_encoder_out(enc, keep)
                 cum[name] = cum[name][keep]
 
-    width = int(lengths.max())
-    tokens = out[:, :width].contiguous()  # criterions call .view(-1) on targets
-    positions = torch.arange(width, device=device).unsqueeze(0)
-    after_end = positions >= lengths.unsqueeze(1)
-    prev_output_tokens = torch.cat([tokens.new_full((bsz, 1), eos), tokens[:, :-1]], dim=1)
-    prev_output_tokens.masked_fill_(after_end, pad)
+    tokens, prev_output_tokens, _ = teacher_forcing_layout(out, lengths, eos, pad)
 
     teacher_lprobs = None
     if teachers and keep_teacher_lprobs:
@@ -386,6 +393,6 @@ def _decode(
         prev_output_tokens=prev_output_tokens,
         lengths=lengths,
         teacher_lprobs=teacher_lprobs,
-        teacher_argmax=t_argmax[:, :width].contiguous() if teachers else None,
+        teacher_argmax=t_argmax[:, :tokens.size(1)].contiguous() if teachers else None,
         teacher_tokens=teacher_tokens,
     )

@@ -496,12 +496,8 @@ def _loop(policies, bsz, device, src_tokens, *, eos, pad, max_len, min_len, samp
         if step < max_len and finished(done, step):
             break
 
-    width = int(lengths.max())
-    tokens = out[:, :width].contiguous()
-    positions = torch.arange(width, device=device).unsqueeze(0)
-    after_end = positions >= lengths.unsqueeze(1)
-    prev_output_tokens = torch.cat([tokens.new_full((bsz, 1), eos), tokens[:, :-1]], dim=1)
-    prev_output_tokens.masked_fill_(after_end, pad)
+    tokens, prev_output_tokens, after_end = exact.teacher_forcing_layout(out, lengths, eos, pad)
+    width = tokens.size(1)
     teacher_lprobs = None
     if has_teacher and keep_teacher_lprobs:
         # row by row, as the exact engine packs them: dense (B, T, V)[tokens != pad]
