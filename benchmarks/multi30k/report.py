@@ -56,5 +56,5 @@ def write(ctx, ledger: List[dict]) -> str:
     with open(os.path.join(ctx.args.out_dir, f"results{suffix}.md"), "w", encoding="utf-8") as f:
         f.write(tables.markdown(res, png))
     if suffix in tables.README_MARKERS and os.path.abspath(ctx.args.out_dir) == HERE:
-        tables.update_readme(os.path.join(os.path.dirname(os.path.dirname(HERE)), "README.md"), res, *tables.README_MARKERS[suffix])
+        tables.update_readme(os.path.join(HERE, "README.md"), res, *tables.README_MARKERS[suffix])
     return path
