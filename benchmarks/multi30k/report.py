@@ -1,5 +1,5 @@
 """Collect the runs' results into results[_full].json, a markdown table and the BLEU-against-speed plot,
-and rewrite README.md's tables from them (``collect``, ``tables`` and ``plot`` do each part)."""
+and rewrite this benchmark's README.md tables from them (``collect``, ``tables`` and ``plot`` do each part)."""
 import datetime
 import json
 import os
