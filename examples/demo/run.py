@@ -395,8 +395,11 @@ def main(argv=None) -> int:
     best = max(students, key=lambda n: students[n]["test_bleu"])
     spm_model = os.path.join(demo.work, "spm.model")
     print("Deploy one with CTranslate2 (pip install -e \".[ct2]\"):")
+    from fairseq_imitkd_translate import int8_saturates_here  # torch-free
+
+    bits = " --int8-weight-bits 7" if int8_saturates_here("int8", 8) else ""  # a CPU whose int8 sums saturate
     print(f"  imitkd-export {students[best]['checkpoint']} -o {demo.work}/export_{best} --quantization int8 "
-          f"--spm {spm_model}")
+          f"--spm {spm_model}{bits}")
     print(f"  imitkd-translate {demo.work}/export_{best} -i {demo.raw}/test_2016_flickr.de -o {demo.work}/{best}.en")
     return 0
 
