@@ -14,7 +14,7 @@ setup(
     # and what the recipes and benchmarks use to drive and read fairseq-generate
     py_modules=["fairseq_imitkd_user_dir", "fairseq_generate_io", "fairseq_imitkd_translate", "fairseq_imitkd_vmap"],
     install_requires=[
-        # ve-fairseq is a build of fairseq main with wheels for Python 3.11/3.12 (see README:
+        # ve-fairseq is a build of fairseq main with wheels for Python 3.11/3.12 (see docs/compatibility.md:
         # the official fairseq 0.12.2 neither installs with pip>=24.1 nor imports on Python>=3.11).
         "ve-fairseq==0.12.3",
         # A range, not a pin: an installed torch (CPU or CUDA) that satisfies it is kept as is.

@@ -1,5 +1,5 @@
 """Collect the runs' results into results[_full].json, a markdown table and the BLEU-against-speed plot,
-and rewrite README.md's tables from them (``collect``, ``tables`` and ``plot`` do each part)."""
+and rewrite this benchmark's README.md tables from them (``collect``, ``tables`` and ``plot`` do each part)."""
 import datetime
 import json
 import os
@@ -57,5 +57,5 @@ def write(ctx, ledger: List[dict]) -> str:
     with open(os.path.join(ctx.args.out_dir, f"results{suffix}.md"), "w", encoding="utf-8") as f:
         f.write(tables.markdown(res, png))
     if suffix in tables.README_MARKERS and os.path.abspath(ctx.args.out_dir) == HERE:
-        tables.update_readme(os.path.join(os.path.dirname(os.path.dirname(HERE)), "README.md"), res, *tables.README_MARKERS[suffix])
+        tables.update_readme(os.path.join(HERE, "README.md"), res, *tables.README_MARKERS[suffix])
     return path

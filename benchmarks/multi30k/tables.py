@@ -1,4 +1,4 @@
-"""The results as markdown: the full table of results*.md, and the compact one README.md shows."""
+"""The results as markdown: the full table of results*.md, and the compact one this benchmark's README.md shows."""
 import os
 from typing import List, Optional
 
@@ -18,7 +18,8 @@ README_MARKERS = {  # results suffix -> README markers of its table
 
 
 def readme_table(res: dict) -> str:
-    """The compact table README.md shows: quality, training cost and, where it was timed, decoding speed."""
+    """The compact table this benchmark's README.md shows: quality, training cost and, where it was timed,
+    decoding speed (CTranslate2's dated runs stay in results.md; the table of record is benchmarks/README.md's)."""
     base = res["methods"].get("scratch", {}).get("sec_per_update")
     timed = res["teacher_sents_per_sec"] is not None
     head = "| method | seeds | test BLEU greedy | greedy, uncapped | test BLEU beam 5 | s/update | cost × scratch |"
@@ -35,7 +36,7 @@ def readme_table(res: dict) -> str:
                     f"| {_fmt(r.get('sec_per_update'), 2)} | {_fmt(collect.ratio(r.get('sec_per_update'), base), 2)} |"
                     + (f" {_fmt(r['student_sents_per_sec'])} | {_fmt(r['speedup_greedy_vs_teacher_beam5'])} |"
                        if timed else ""))
-    return "\n".join(rows) + ct2_table(res)
+    return "\n".join(rows)
 
 
 def ct2_table(res: dict) -> str:
