@@ -106,6 +106,13 @@ def unsupported(model: nn.Module) -> Optional[str]:
     return None
 
 
+def _sublayer(x: Tensor, norm: nn.Module, pre: bool, fn) -> Tensor:
+    """A fairseq decoder sublayer with its residual: ``norm`` before ``fn`` (pre-norm) or after the sum."""
+    y = fn(norm(x) if pre else x)
+    x = x + y
+    return x if pre else norm(x)
+
+
 class _DecoderStep:
     """One decoder step of a fairseq transformer, computed from its own modules with fixed shapes.
 
@@ -203,39 +210,25 @@ class _DecoderStep:
         if dec.layernorm_embedding is not None:
             x = dec.layernorm_embedding(x)
         for i, layer in enumerate(self.layers):
-            sa = layer.self_attn
-            residual = x
-            if layer.normalize_before:
-                x = layer.self_attn_layer_norm(x)
-            q = sa.q_proj(x)
-            q *= sa.scaling
-            self.k_cache[i].index_copy_(2, step, sa.k_proj(x).view(B, H, 1, d))
-            self.v_cache[i].index_copy_(2, step, sa.v_proj(x).view(B, H, 1, d))
-            k = self.k_cache[i][:, :, :kv_len].reshape(B * H, kv_len, d)
-            v = self.v_cache[i][:, :, :kv_len].reshape(B * H, kv_len, d)
-            x = sa.out_proj(self._attend(q.view(B * H, 1, d), k, v, step_mask))
-            x = residual + x
-            if not layer.normalize_before:
-                x = layer.self_attn_layer_norm(x)
+            sa, ea, pre = layer.self_attn, layer.encoder_attn, layer.normalize_before
 
-            ea = layer.encoder_attn
-            residual = x
-            if layer.normalize_before:
-                x = layer.encoder_attn_layer_norm(x)
-            q = ea.q_proj(x)
-            q *= ea.scaling
-            x = ea.out_proj(self._attend(q.view(B * H, 1, d), self.enc_k[i], self.enc_v[i], self.enc_mask))
-            x = residual + x
-            if not layer.normalize_before:
-                x = layer.encoder_attn_layer_norm(x)
+            def self_attention(h, sa=sa, i=i):
+                q = sa.q_proj(h)
+                q *= sa.scaling
+                self.k_cache[i].index_copy_(2, step, sa.k_proj(h).view(B, H, 1, d))
+                self.v_cache[i].index_copy_(2, step, sa.v_proj(h).view(B, H, 1, d))
+                k = self.k_cache[i][:, :, :kv_len].reshape(B * H, kv_len, d)
+                v = self.v_cache[i][:, :, :kv_len].reshape(B * H, kv_len, d)
+                return sa.out_proj(self._attend(q.view(B * H, 1, d), k, v, step_mask))
 
-            residual = x
-            if layer.normalize_before:
-                x = layer.final_layer_norm(x)
-            x = layer.fc2(layer.activation_fn(layer.fc1(x)))
-            x = residual + x
-            if not layer.normalize_before:
-                x = layer.final_layer_norm(x)
+            def encoder_attention(h, ea=ea, i=i):
+                q = ea.q_proj(h)
+                q *= ea.scaling
+                return ea.out_proj(self._attend(q.view(B * H, 1, d), self.enc_k[i], self.enc_v[i], self.enc_mask))
+
+            x = _sublayer(x, layer.self_attn_layer_norm, pre, self_attention)
+            x = _sublayer(x, layer.encoder_attn_layer_norm, pre, encoder_attention)
+            x = _sublayer(x, layer.final_layer_norm, pre, lambda h, l=layer: l.fc2(l.activation_fn(l.fc1(h))))
         if dec.layer_norm is not None:
             x = dec.layer_norm(x)
         if dec.project_out_dim is not None:
