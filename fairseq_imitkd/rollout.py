@@ -145,8 +145,8 @@ def _drawable(probs: Tensor, column: int = 0) -> Tensor:
     """
     total = probs.sum(dim=1, keepdim=True)
     bad = ~(torch.isfinite(total) & (total > 0))
-    onehot = torch.zeros_like(probs)
-    onehot[:, column] = 1.0
+    onehot = probs.new_zeros(1, probs.size(1))  # one row, broadcast: no (B, V) buffer a step
+    onehot[0, column] = 1.0
     return torch.where(bad, onehot, probs)
 
 
