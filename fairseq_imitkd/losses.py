@@ -107,20 +107,23 @@ def imitkd_targets(gold: Tensor, teacher_argmax: Tensor, on_policy: Tensor) -> T
 
 
 def imitkd_loss(student_lprobs: Tensor, target: str, *, teacher_lprobs: Optional[Tensor] = None,
-                teacher_argmax: Optional[Tensor] = None, gold: Optional[Tensor] = None,
+                teacher_index: Optional[Tensor] = None, teacher_argmax: Optional[Tensor] = None,
+                gold: Optional[Tensor] = None,
                 on_policy: Optional[Tensor] = None, epsilon: float = 0.0, divergence: str = "forward_kl",
                 next_tokens: Optional[Tensor] = None, **divergence_args) -> Tensor:
     """ImitKD's loss summed over the N scored positions.
 
     ``full`` (ImitKD+Full): the divergence (:func:`kd_divergence`, default the cross-entropy) to the teacher's
     whole distribution on every prefix, data or rolled out (``teacher_lprobs``; never smoothed; ATKD's
-    ``next_tokens`` are the tokens of the prefix). ``argmax`` (ImitKD): the NLL of :func:`imitkd_targets`,
+    ``next_tokens`` are the tokens of the prefix; ``teacher_index``: the teacher comes as top-k buckets, as in
+    :func:`kd_divergence`). ``argmax`` (ImitKD): the NLL of :func:`imitkd_targets`,
     label-smoothed with ``epsilon`` as fairseq smooths gold targets.
     """
     if target not in IMITKD_TARGETS:
         raise OptionError(f"unknown ImitKD target {target!r}; valid: {', '.join(IMITKD_TARGETS)}")
     if target == "full":
-        return kd_divergence(divergence, student_lprobs, teacher_lprobs, next_tokens=next_tokens, **divergence_args)
+        return kd_divergence(divergence, student_lprobs, teacher_lprobs, next_tokens=next_tokens,
+                             teacher_index=teacher_index, **divergence_args)
     hard = imitkd_targets(gold, teacher_argmax, on_policy)
     if epsilon > 0.0:
         return label_smoothed_nll_loss(_full(student_lprobs), hard, epsilon, reduce=True)[0]
@@ -131,6 +134,22 @@ def imitkd_loss(student_lprobs: Tensor, target: str, *, teacher_lprobs: Optional
 
 #: what ``--kd-divergence`` chooses between; ``forward_kl`` is the KD term as it always was
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "atkd")
+
+
+def check_divergence(name: str, jsd_beta: float = 0.5, atkd_alpha: float = 0.2, teacher_topk: int = 0) -> None:
+    """Every check of a divergence and its settings, in flag terms: what a criterion runs when it is built and
+    what the functions below run on their arguments."""
+    if name not in DIVERGENCES:
+        raise OptionError(f"unknown --kd-divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
+    if not 0.0 <= jsd_beta <= 1.0:
+        raise OptionError(f"--kd-jsd-beta must be in [0, 1], got {jsd_beta}")
+    if not 0.0 <= atkd_alpha <= 1.0:
+        raise OptionError(f"--kd-atkd-alpha must be in [0, 1], got {atkd_alpha}")
+    if teacher_topk < 0:
+        raise OptionError(f"--kd-teacher-topk must be >= 0 (0: the whole distribution), got {teacher_topk}")
+    if teacher_topk and name == "atkd":
+        raise OptionError("--kd-teacher-topk does not apply to --kd-divergence atkd, which needs the probability "
+                          "of every next token")
 
 
 def _xlogy_terms(p_log: Tensor, q_log: Tensor) -> Tensor:
@@ -155,8 +174,7 @@ def jsd(student_lprobs: Tensor, teacher_lprobs: Tensor, beta: float = 0.5) -> Te
     """Per-position generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024), shape ``(N,)``:
     ``β·KL(p_T‖M) + (1-β)·KL(p_S‖M)`` with ``M = β·p_T + (1-β)·p_S``. β=0 is forward KL(p_T‖p_S) and β=1
     reverse KL(p_S‖p_T), computed as such (the mixture formula degenerates to 0 there)."""
-    if not 0.0 <= beta <= 1.0:
-        raise OptionError(f"--kd-jsd-beta must be in [0, 1], got {beta}")
+    check_divergence("jsd", jsd_beta=beta)
     if beta == 0.0:
         return forward_kl(student_lprobs, teacher_lprobs)
     if beta == 1.0:
@@ -196,8 +214,7 @@ def atkd(student_lprobs: Tensor, teacher_lprobs: Tensor, next_tokens: Tensor, al
     Returned multiplied by N: a criterion's division by ``sample_size`` (the N scored positions, without
     ``--sentence-avg``) gives the reference's value. A batch-level loss: it is not a sum over positions.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise OptionError(f"--kd-atkd-alpha must be in [0, 1], got {alpha}")
+    check_divergence("atkd", atkd_alpha=alpha)
     s, t = _full(student_lprobs), _full(teacher_lprobs)
     s_target, s_rest, s_others = _binary_and_rest(s, next_tokens)
     t_target, t_rest, t_others = _binary_and_rest(t, next_tokens)
@@ -261,13 +278,7 @@ def kd_divergence(name: str, student_lprobs: Tensor, teacher_lprobs: Tensor, *, 
     (:func:`topk_with_tail`), after the temperature. ``teacher_index`` ``(N, K)``: the teacher comes as
     those buckets already (a cache): ``teacher_lprobs`` is ``(N, K+1)``, its log-probs of the K tokens and
     its tail, at T=1; only the student is bucketed, so no ``(N, V)`` teacher is ever built."""
-    if name not in DIVERGENCES:
-        raise OptionError(f"unknown --kd-divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
-    if teacher_topk < 0:
-        raise OptionError(f"--kd-teacher-topk must be >= 0 (0: the whole distribution), got {teacher_topk}")
-    if teacher_topk and name == "atkd":
-        raise OptionError("--kd-teacher-topk does not apply to --kd-divergence atkd, which needs the probability "
-                         "of every next token")
+    check_divergence(name, jsd_beta, atkd_alpha, teacher_topk)
     if teacher_index is not None:
         if temperature != 1.0 or name == "atkd":
             raise OptionError("a teacher given as top-k buckets (a cache) holds log-probs at temperature 1 and no "

@@ -14,78 +14,145 @@ additions make β transfer across budgets:
 * a warm-up: β = 1 for the first ``H`` updates, then the schedule over the rest of the horizon;
 * :class:`AgreementClock`, which replaces ``t / N`` by the student's measured competence (its running
   argmax agreement with the teacher). It is the one piece of schedule state, and it is checkpointed.
+
+:class:`BetaSchedule` holds all of it (curve, horizon, warm-up, clock), built from the flags of
+:class:`BetaScheduleConfig`: the criterion asks it for β, the task checkpoints its ``state_dict``.
 """
 
 import math
+from dataclasses import dataclass, field
 from typing import Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from omegaconf import II
 
 from .errors import OptionError
 
 SCHEDULES = ("exponential", "linear", "reverse_sigmoid", "constant")
-
-
 CLOCKS = ("updates", "agreement")
 
 
-def check_schedule(
-    schedule: str,
-    total_updates: int,
-    base: float = 200.0,
-    constant: float = 0.0,
-    warmup: int = 0,
-) -> None:
-    """Raise ``ValueError`` for an unusable configuration.
+@dataclass
+class BetaScheduleConfig(FairseqDataclass):
+    """The flags of ImitKD's β, read by :meth:`BetaSchedule.from_config`."""
 
-    Separate from :func:`beta` so that a criterion can fail when it is built rather
-    than at its first update, possibly hours into a job.
+    imitkd_beta_schedule: ChoiceEnum(list(SCHEDULES)) = field(
+        default="exponential", metadata={"help": "β schedule over updates: exponential base^(-t/N), linear, "
+                                         "reverse_sigmoid, or constant (--imitkd-beta)"}
+    )
+    imitkd_beta_base: float = field(
+        default=200.0, metadata={"help": "base of the exponential (and steepness of reverse_sigmoid) schedule; "
+                                 "paper: 200 IWSLT, 10 CNN/DM, 2 for ImitKD* on WMT"}
+    )
+    imitkd_beta: float = field(default=0.0, metadata={"help": "β of the constant schedule, in [0, 1]"})
+    imitkd_beta_updates: int = field(
+        default=0, metadata={"help": "horizon N of the β schedule in updates; 0 means --max-update"}
+    )
+    imitkd_beta_warmup_updates: int = field(
+        default=0, metadata={"help": "β = 1 (data prefixes only) for the first H updates; the schedule then runs "
+                             "over the rest of the horizon (updates clock) or starts from the student's "
+                             "competence (agreement clock)"}
+    )
+    imitkd_beta_clock: ChoiceEnum(list(CLOCKS)) = field(
+        default="updates", metadata={"help": "what drives the schedule: updates (t/N, the paper) or agreement "
+                                     "(the student's running argmax agreement with the teacher, between "
+                                     "--imitkd-agree-low and --imitkd-agree-high; needs no horizon)"}
+    )
+    imitkd_agree_low: float = field(
+        default=0.45, metadata={"help": "agreement clock: at or below this running agreement the schedule is at its "
+                               "start (β = 1)"}
+    )
+    imitkd_agree_high: float = field(
+        default=0.6, metadata={"help": "agreement clock: at or above this running agreement the schedule is at its "
+                               "end"}
+    )
+    imitkd_agree_momentum: float = field(
+        default=0.95, metadata={"help": "agreement clock: momentum of the moving average of per-update agreement, "
+                                "in [0, 1)"}
+    )
+    max_update: int = II("optimization.max_update")
+
+
+class BetaSchedule:
+    """ImitKD's β at every update: the curve, its warm-up, its clock, their checks and their state.
+
+    One object so that a criterion asks only ``beta(update_num)`` and a task checkpoints ``state_dict()``
+    without knowing which clock runs. Every check happens here, when the criterion is built, not at its
+    first update hours into a job; messages name the flags.
     """
-    if schedule not in SCHEDULES:
-        raise OptionError(
-            f"unknown beta schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}"
-        )
-    if warmup < 0:
-        raise OptionError(f"--imitkd-beta-warmup-updates must be >= 0, got {warmup}")
-    if schedule == "constant":
-        if not 0.0 <= constant <= 1.0:
-            raise OptionError(f"constant beta must lie in [0, 1], got {constant}")
-        return
-    if total_updates is not None and 0 < total_updates <= warmup:
-        raise OptionError(
-            f"--imitkd-beta-warmup-updates ({warmup}) must be smaller than the schedule's horizon "
-            f"({total_updates} updates)"
-        )
-    if total_updates is None or total_updates <= 0:
-        raise OptionError(
-            f"the {schedule!r} beta schedule needs a horizon: set --imitkd-beta-updates "
-            f"or --max-update to a positive number of updates (got {total_updates})"
-        )
-    if schedule in ("exponential", "reverse_sigmoid") and not base > 1.0:
-        raise OptionError(f"the {schedule!r} beta schedule needs base > 1, got {base}")
+
+    def __init__(self, curve: str = "exponential", horizon: Optional[int] = None, base: float = 200.0,
+                 constant: float = 0.0, warmup: int = 0, clock: Optional["AgreementClock"] = None):
+        if curve not in SCHEDULES:
+            raise OptionError(f"unknown beta schedule {curve!r}; valid schedules: {', '.join(SCHEDULES)}")
+        if warmup < 0:
+            raise OptionError(f"--imitkd-beta-warmup-updates must be >= 0, got {warmup}")
+        if not 0.0 <= constant <= 1.0:  # checked whatever the curve: a value given out of range is a mistake
+            raise OptionError(f"--imitkd-beta (the constant β) must be in [0, 1], got {constant}")
+        if curve in ("exponential", "reverse_sigmoid") and not base > 1.0:
+            raise OptionError(f"the {curve!r} beta schedule needs base > 1 (--imitkd-beta-base), got {base}")
+        if curve != "constant" and clock is None:  # the updates clock: progress is (t - H) / (N - H)
+            if horizon is None or horizon <= 0:
+                raise OptionError(f"the {curve!r} beta schedule needs a horizon: set --imitkd-beta-updates or "
+                                  f"--max-update to a positive number of updates (got {horizon})")
+            if horizon <= warmup:
+                raise OptionError(f"--imitkd-beta-warmup-updates ({warmup}) must be smaller than the schedule's "
+                                  f"horizon ({horizon} updates)")
+        self.curve, self.horizon, self.base, self.constant, self.warmup = curve, horizon, base, constant, warmup
+        self.clock = clock
+
+    @classmethod
+    def from_config(cls, cfg) -> "BetaSchedule":
+        """From the :class:`BetaScheduleConfig` fields of a criterion's config."""
+        if cfg.imitkd_beta_updates < 0:
+            raise OptionError(f"--imitkd-beta-updates must be >= 0, got {cfg.imitkd_beta_updates}")
+        clock = None
+        if str(cfg.imitkd_beta_clock) == "agreement":
+            clock = AgreementClock(cfg.imitkd_agree_low, cfg.imitkd_agree_high, cfg.imitkd_agree_momentum)
+        return cls(str(cfg.imitkd_beta_schedule), cfg.imitkd_beta_updates or cfg.max_update, cfg.imitkd_beta_base,
+                   cfg.imitkd_beta, cfg.imitkd_beta_warmup_updates, clock)
+
+    @property
+    def progress(self) -> Optional[float]:
+        """The agreement clock's progress in [0, 1] (None with the updates clock), for the logs."""
+        return None if self.clock is None else self.clock.progress
+
+    def beta(self, update_num: int) -> float:
+        """Probability of taking the teacher's (or the data's) token at update ``update_num``.
+
+        β = 1 for the first ``warmup`` updates; after that the curve runs at progress
+        ``x = min(t - H, N - H) / (N - H)`` (``H = warmup``; ``H = 0`` is the paper), or at the agreement
+        clock's progress. ``constant`` ignores the progress but not the warm-up's β = 1.
+        """
+        if update_num < 0:
+            raise OptionError(f"update_num must be >= 0, got {update_num}")
+        if update_num < self.warmup:
+            return 1.0
+        if self.clock is not None:
+            return shape(self.curve, self.clock.progress, self.base, self.constant)
+        if self.curve == "constant":
+            return float(self.constant)
+        span = self.horizon - self.warmup
+        return shape(self.curve, min(update_num - self.warmup, span) / span, self.base, self.constant)
+
+    def observe(self, n_agree: float, n_scored: float) -> None:
+        """One update's all-reduced agreement counts: they move the agreement clock (nothing else)."""
+        if self.clock is not None:
+            self.clock.observe(n_agree, n_scored)
+
+    def state_dict(self) -> Optional[dict]:
+        """What a resumed run needs to continue with the same β (None: β is a function of the update)."""
+        return None if self.clock is None else self.clock.state_dict()
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if self.clock is not None and state is not None:
+            self.clock.load_state_dict(state)
 
 
-def beta(
-    schedule: str,
-    update_num: int,
-    total_updates: int,
-    base: float = 200.0,
-    constant: float = 0.0,
-    warmup: int = 0,
-) -> float:
-    """Probability of taking the teacher's (or the data's) token at update ``update_num``.
-
-    β = 1 for the first ``warmup`` updates; after that the schedule runs over the rest of the
-    horizon, at progress ``x = min(t - H, N - H) / (N - H)`` (``H = warmup``; ``H = 0`` is the paper).
-    ``constant`` ignores the warm-up's progress but not its β = 1. See :func:`shape` for the curves.
-    """
-    check_schedule(schedule, total_updates, base=base, constant=constant, warmup=warmup)
-    if update_num < 0:
-        raise OptionError(f"update_num must be >= 0, got {update_num}")
-    if update_num < warmup:
-        return 1.0
-    if schedule == "constant":
-        return float(constant)
-    progress = min(update_num - warmup, total_updates - warmup) / (total_updates - warmup)
-    return shape(schedule, progress, base=base, constant=constant)
+def beta(schedule: str, update_num: int, total_updates: int, base: float = 200.0, constant: float = 0.0,
+         warmup: int = 0) -> float:
+    """β of the paper's clock at update ``update_num`` of ``total_updates`` (:meth:`BetaSchedule.beta`)."""
+    return BetaSchedule(schedule, total_updates, base, constant, warmup).beta(update_num)
 
 
 def shape(schedule: str, progress: float, base: float = 200.0, constant: float = 0.0) -> float:
@@ -152,9 +219,10 @@ class AgreementClock:
 
     def __init__(self, low: float = 0.45, high: float = 0.6, momentum: float = 0.95):
         if not 0.0 <= low < high <= 1.0:
-            raise OptionError(f"the agreement clock needs 0 <= low < high <= 1, got low={low}, high={high}")
+            raise OptionError(f"--imitkd-agree-low/--imitkd-agree-high: the agreement clock needs 0 <= low < high <= 1, "
+                              f"got low={low}, high={high}")
         if not 0.0 <= momentum < 1.0:
-            raise OptionError(f"the agreement clock's momentum must be in [0, 1), got {momentum}")
+            raise OptionError(f"--imitkd-agree-momentum: the agreement clock's momentum must be in [0, 1), got {momentum}")
         self.low, self.high, self.momentum = low, high, momentum
         self.ema: Optional[float] = None
         self.progress = 0.0

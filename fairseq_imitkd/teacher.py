@@ -8,6 +8,7 @@ data directory and compared with the student's symbol by symbol.
 """
 import abc
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -188,23 +189,66 @@ def check_teacher_files(teacher_path: Optional[str], teacher_data: Optional[str]
     return found
 
 
-class TeacherBase(abc.ABC):
-    """What the criterions and rollouts ask of a teacher; the seam for other kinds of teacher.
+@dataclasses.dataclass
+class RowKeys:
+    """What a precomputed teacher looks a batch's rows up by: the split, each row's sample id, and whether the
+    row's prefix is that sentence's own target (``gold``; a rolled-out prefix is in no file)."""
 
-    A teacher scores positions (:meth:`log_probs`) and, for rollouts that let it act, decodes
-    (:meth:`inference`). The fairseq models of :class:`Teacher` do both; a teacher whose outputs are
-    precomputed (a cache keyed by sample id) or run by another engine would implement the same calls,
-    and leave :meth:`inference` to raise where it cannot decode incrementally.
+    split: str
+    ids: Tensor
+    gold: Tensor
+
+    def __getitem__(self, rows: Optional[Tensor]) -> "RowKeys":
+        return self if rows is None else RowKeys(self.split, self.ids[rows], self.gold[rows])
+
+
+@dataclasses.dataclass
+class TeacherScores:
+    """The teacher's next-token distributions at N scored positions, in the form its teacher has them.
+
+    ``lprobs`` is ``(N, V)``; or, with ``index`` ``(N, K)`` the teacher's K best tokens (most likely first),
+    ``(N, K+1)``: their log-probs and one tail bucket with the rest of the mass, all a cache keeps. The
+    divergences take both forms (``losses.kd_divergence``'s ``teacher_index``). ``lprobs`` may be None where
+    only the teacher's action is known (``argmax`` given).
+    """
+
+    lprobs: Optional[Tensor]
+    index: Optional[Tensor] = None
+    actions: Optional[Tensor] = None
+
+    @property
+    def argmax(self) -> Tensor:
+        """``(N,)`` the teacher's most likely token at each position."""
+        if self.actions is None:
+            self.actions = self.lprobs.argmax(-1) if self.index is None else self.index[:, 0]
+        return self.actions
+
+    @staticmethod
+    def cat(parts: Sequence["TeacherScores"]) -> "TeacherScores":
+        """Positions of several groups in one record (a batch-level loss such as ATKD)."""
+        def joined(name):
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values)
+        return TeacherScores(joined("lprobs"), joined("index"), torch.cat([p.argmax for p in parts]))
+
+
+class TeacherBase(abc.ABC):
+    """What the criterions and rollouts ask of a teacher; the one seam for every kind of teacher.
+
+    A teacher scores positions (:meth:`scores`) and, for rollouts that let it act, decodes
+    (:meth:`inference`). The fairseq models of :class:`Teacher` do both; a cache of its outputs
+    (``teacher_cache.CachedTeacher``) answers the rows it holds by their :class:`RowKeys` and hands the rest
+    to a live teacher. Criterions never ask which kind they hold.
 
     Never an ``nn.Module`` and never an attribute of the student or the criterion: a teacher must stay
     out of checkpoints, out of the optimizer, out of DDP, and out of ``--fp16``'s halving of the student.
     """
 
     @abc.abstractmethod
-    def log_probs(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor, mask: Tensor,
-                  ids: Optional[Tensor] = None) -> Tensor:
-        """Teacher-forced next-token log-probabilities ``(N, V)`` in float32 at the ``mask`` positions.
-        ``ids``: the batch's sample ids (``sample["id"]``), what a precomputed teacher looks rows up by."""
+    def scores(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor, mask: Tensor,
+               keys: Optional[RowKeys] = None) -> TeacherScores:
+        """The teacher-forced next-token distributions at the ``mask`` positions, in float32. ``keys``: what a
+        precomputed teacher looks the rows up by; a live one ignores them."""
 
     @abc.abstractmethod
     def inference(self) -> ContextManager[List[torch.nn.Module]]:
@@ -266,9 +310,13 @@ class Teacher(TeacherBase):
                 for m in self.models:
                     m.requires_grad_(False)
 
+    def scores(self, src_tokens, src_lengths, prev_output_tokens, mask, keys=None) -> TeacherScores:
+        return TeacherScores(self.log_probs(src_tokens, src_lengths, prev_output_tokens, mask))
+
     @torch.no_grad()
-    def log_probs(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor, mask: Tensor,
-                  ids: Optional[Tensor] = None) -> Tensor:
+    def log_probs(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor, mask: Tensor) -> Tensor:
+        """``(N, V)`` next-token log-probabilities at the ``mask`` positions, the ensemble averaged in
+        probability space."""
         with outside_autocast(src_tokens.device):
             out = [
                 scored_log_probs(m, src_tokens, src_lengths, prev_output_tokens, mask).float() for m in self.models

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from .errors import ImitKDError
 from .losses import tail_mass
 from .seqkd import corpus_files
 from .seqkd.corpus_files import write_json
-from .teacher import (TeacherBase, check_teacher_files, check_teacher_paths, dictionary_fingerprint, file_identity,
+from .teacher import (RowKeys, TeacherBase, TeacherScores, check_teacher_files, check_teacher_paths, dictionary_fingerprint, file_identity,
                       load_teacher, split_teacher_paths, translation_task)
 
 logger = logging.getLogger(__name__)
@@ -351,6 +351,70 @@ class TeacherCache:
                                  f"({'; '.join(diff)})")
             self._splits[name] = CachedSplit(self.directory, name, self.k, self.vocab, ident)
         return self._splits[name]
+
+
+class CachedTeacher(TeacherBase):
+    """The teacher behind the same seam as a live one: the rows a cache holds come from its files, the rest
+    (rolled-out prefixes, a split it lacks) from the live teacher, loaded only if ever asked.
+
+    Every answer comes as top-k buckets (``TeacherScores.index``): the live rows are cut to the cache's K
+    as the cache was, so one batch's rows are compared alike wherever they came from.
+    """
+
+    def __init__(self, cache: TeacherCache, dataset: Callable[[str], object],
+                 live: Callable[[torch.device], TeacherBase]):
+        self.cache, self._dataset, self._live = cache, dataset, live
+        self._device = torch.device("cpu")
+
+    def _cached_rows(self, keys: Optional[RowKeys]) -> Optional[Tensor]:
+        if keys is None or not self.cache.has(keys.split):
+            return None
+        return keys.gold
+
+    def scores(self, src_tokens, src_lengths, prev_output_tokens, mask, keys=None) -> TeacherScores:
+        cached = self._cached_rows(keys)
+        counts = mask.sum(1)
+        if cached is not None and bool(cached.all()):
+            return self._from_files(keys, counts, mask.device)
+        if cached is None or not bool(cached.any()):
+            return self._from_live(src_tokens, src_lengths, prev_output_tokens, mask)
+        # both kinds of row: each answered where it can be, then put back in the batch's position order
+        live_rows, file_rows = (~cached).nonzero().squeeze(1), cached.nonzero().squeeze(1)
+        live = self._from_live(src_tokens[live_rows], src_lengths[live_rows], prev_output_tokens[live_rows],
+                               mask[live_rows])
+        files = self._from_files(keys[file_rows], counts[file_rows], mask.device)
+        position_is_cached = cached.repeat_interleave(counts)
+        lprobs = live.lprobs.new_empty(position_is_cached.size(0), live.lprobs.size(1))
+        index = live.index.new_empty(position_is_cached.size(0), live.index.size(1))
+        lprobs[position_is_cached], index[position_is_cached] = files.lprobs, files.index
+        lprobs[~position_is_cached], index[~position_is_cached] = live.lprobs, live.index
+        return TeacherScores(lprobs, index)
+
+    def _from_files(self, keys: RowKeys, counts: Tensor, device: torch.device) -> TeacherScores:
+        values, index, tail = self.cache.split(keys.split, self._dataset(keys.split)).rows(keys.ids, counts)
+        return TeacherScores(torch.cat([values, tail.unsqueeze(-1)], -1).to(device), index.to(device))
+
+    def _from_live(self, src_tokens, src_lengths, prev_output_tokens, mask) -> TeacherScores:
+        lprobs = self._live(mask.device).scores(src_tokens, src_lengths, prev_output_tokens, mask).lprobs
+        values, index, tail = topk_and_tail(lprobs, self.cache.k)
+        return TeacherScores(torch.cat([values, tail.unsqueeze(-1)], -1), index)
+
+    def inference(self):
+        """A cache cannot decode: rollouts that let the teacher act get the live teacher's models."""
+        return self._live(self._device).inference()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # what the files hold
+
+    def to(self, device=None, dtype=None) -> "CachedTeacher":
+        if device is not None:
+            self._device = torch.device(device)
+        return self
 
 
 # --- command line -----------------------------------------------------------------------------------

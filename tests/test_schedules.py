@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from fairseq_imitkd.schedules import SCHEDULES, AgreementClock, beta, check_schedule, shape
+from fairseq_imitkd.schedules import SCHEDULES, AgreementClock, BetaSchedule, beta, shape
 
 N = 1000
 
@@ -112,9 +112,10 @@ def test_negative_update_rejected():
         beta("linear", -1, N)
 
 
-def test_check_schedule_accepts_valid_configs():
-    check_schedule("exponential", N, base=2.0)
-    check_schedule("constant", 0, constant=1.0)
+def test_schedule_accepts_valid_configs():
+    BetaSchedule("exponential", N, base=2.0)
+    BetaSchedule("constant", 0, constant=1.0)
+    BetaSchedule("linear", None, warmup=5, clock=AgreementClock())  # the clock needs no horizon
 
 
 # --- warm-up -------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def test_warmup_must_end_before_the_horizon(warmup):
 
 def test_negative_warmup_rejected():
     with pytest.raises(ValueError, match="warmup-updates"):
-        check_schedule("linear", N, warmup=-1)
+        BetaSchedule("linear", N, warmup=-1)
 
 
 def test_shape_is_the_paper_curve_at_t_over_n():
@@ -198,3 +199,50 @@ def test_agreement_clock_state_round_trip_continues_exactly():
 def test_agreement_clock_bad_settings(low, high, momentum):
     with pytest.raises(ValueError, match="agreement clock"):
         AgreementClock(low, high, momentum)
+
+
+# --- the schedule object --------------------------------------------------------------------------
+
+def _flags(**overrides):
+    from types import SimpleNamespace
+    flags = dict(imitkd_beta_schedule="exponential", imitkd_beta_base=200.0, imitkd_beta=0.0, imitkd_beta_updates=0,
+                 imitkd_beta_warmup_updates=0, imitkd_beta_clock="updates", imitkd_agree_low=0.45,
+                 imitkd_agree_high=0.6, imitkd_agree_momentum=0.95, max_update=N)
+    flags.update(overrides)
+    return SimpleNamespace(**flags)
+
+
+def test_schedule_from_flags_takes_max_update_as_horizon_unless_given():
+    assert BetaSchedule.from_config(_flags()).beta(N // 2) == pytest.approx(200 ** -0.5)
+    assert BetaSchedule.from_config(_flags(imitkd_beta_updates=N // 2)).beta(N // 2) == pytest.approx(1 / 200)
+    with pytest.raises(ValueError, match="--imitkd-beta-updates must be >= 0"):
+        BetaSchedule.from_config(_flags(imitkd_beta_updates=-1))
+
+
+def test_schedule_with_the_agreement_clock_follows_it_and_its_state_round_trips():
+    a = BetaSchedule.from_config(_flags(imitkd_beta_clock="agreement", imitkd_beta_schedule="linear",
+                                        imitkd_agree_low=0.2, imitkd_agree_high=0.6, imitkd_agree_momentum=0.5,
+                                        imitkd_beta_warmup_updates=2, max_update=None))
+    assert a.state_dict() == {"ema": None, "progress": 0.0, "observations": 0}
+    a.observe(40, 100)  # ema 0.4: progress (0.4 - 0.2) / 0.4 = 0.5
+    assert a.beta(1) == 1.0  # the warm-up holds β whatever the clock says
+    assert a.beta(2) == pytest.approx(0.5) and a.progress == pytest.approx(0.5)
+    b = BetaSchedule.from_config(_flags(imitkd_beta_clock="agreement", imitkd_beta_schedule="linear",
+                                        imitkd_agree_low=0.2, imitkd_agree_high=0.6, imitkd_agree_momentum=0.5))
+    b.load_state_dict(a.state_dict())
+    for s in (a, b):
+        s.observe(60, 100)
+    assert a.beta(5) == b.beta(5) == pytest.approx(1.0 - (0.5 - 0.2) / 0.4)
+
+
+def test_updates_clock_has_no_state_and_ignores_observations():
+    s = BetaSchedule.from_config(_flags(imitkd_beta_schedule="linear"))
+    s.observe(99, 100)
+    assert s.state_dict() is None and s.progress is None and s.beta(N // 4) == 0.75
+
+
+@pytest.mark.parametrize("flag,value", [("imitkd_beta", 1.5), ("imitkd_beta_base", 1.0),
+                                        ("imitkd_agree_low", 0.7), ("imitkd_agree_momentum", 1.0)])
+def test_schedule_flag_errors_name_the_flag(flag, value):
+    with pytest.raises(ValueError, match="--" + flag.replace("_", "-")):
+        BetaSchedule.from_config(_flags(imitkd_beta_clock="agreement", **{flag: value}))

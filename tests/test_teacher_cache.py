@@ -254,3 +254,68 @@ def test_a_bad_split_is_one_line_and_leaves_no_output(toy_data, teacher, tmp_pat
     else:
         assert "split 'dev' not found" in last and "splits there: test, train, valid" in last, last
     assert not out.exists()
+
+
+# --- the cache as a teacher behind the one seam: ImitKD reads its gold rows from it --------------------
+
+IMITKD = ["--criterion", "imitkd", "--imitkd-target", "full", "--imitkd-sampling", "greedy", "--max-update", "10",
+          "--imitkd-beta-schedule", "constant"]
+
+
+def _imitkd(data, *extra):
+    return build_training_objects(data, "--task", "distillation", *IMITKD, *STUDENT, *extra)
+
+
+def test_the_cached_teacher_answers_gold_rows_from_its_files_and_the_rest_live(toy_data, teacher, cache):
+    from fairseq_imitkd.losses import tail_mass
+    from fairseq_imitkd.teacher import RowKeys
+
+    task, _, criterion = _imitkd(toy_data, "--teacher-path", teacher, "--kd-teacher-cache", cache,
+                                 "--imitkd-beta", "0.5")
+    sample = first_batch(task, "valid")
+    net = sample["net_input"]
+    mask = sample["target"].ne(task.target_dictionary.pad())
+    gold = torch.arange(mask.size(0)) % 2 == 0  # every other row "rolled out" (here: the same tokens)
+    cached = criterion.teacher_for(torch.nn.Linear(1, 1))
+    scores = cached.scores(net["src_tokens"], net["src_lengths"], net["prev_output_tokens"], mask,
+                           RowKeys("valid", sample["id"], gold))
+    online = task.teacher(torch.device("cpu")).log_probs(net["src_tokens"], net["src_lengths"],
+                                                         net["prev_output_tokens"], mask)
+    top, index = online.topk(K, dim=-1)
+    buckets = torch.cat([top, tail_mass(online, index)], -1)
+    assert torch.equal(scores.index, index) and torch.equal(scores.argmax, online.argmax(-1))
+    live = (~gold).repeat_interleave(mask.sum(1))
+    assert torch.equal(scores.lprobs[live], buckets[live])  # computed here, exactly
+    assert not torch.equal(scores.lprobs[~live], buckets[~live])  # read back from float16 files
+    assert torch.allclose(scores.lprobs[~live], buckets[~live], atol=2e-3 * top.abs().max().item())
+
+
+@pytest.mark.parametrize("beta", ["1", "0.5"])
+def test_imitkd_full_from_the_cache_is_the_online_top_k_loss(toy_data, teacher, cache, beta):
+    """β = 1: every row is gold, read from the cache, and the teacher is never loaded. β = 0.5: the rolled-out
+    rows are scored by the live teacher, cut to the same K."""
+    task, model, online = _imitkd(toy_data, "--teacher-path", teacher, "--kd-teacher-topk", str(K),
+                                  "--imitkd-beta", beta)
+    _, _, cached = _imitkd(toy_data, "--teacher-path", teacher, "--kd-teacher-cache", cache, "--imitkd-beta", beta)
+    assert cached.divergence_args["teacher_topk"] == K
+    task.load_dataset("train")
+    cached.task = task  # the same datasets
+    model.train()
+    sample = first_batch(task, "train")
+    results = {}
+    for name, criterion in (("cached", cached), ("online", online)):
+        torch.manual_seed(3)  # the same rows drawn for rollouts
+        loss, _, log = criterion(model, sample)
+        results[name] = (loss.item(), int(log["n_agree"]), log["n_on_policy"])
+        if name == "cached":  # first: whether it needed the live teacher
+            assert (task._teacher is not None) == (beta != "1")
+    assert results["cached"][2] == results["online"][2] and (results["cached"][2] > 0) == (beta != "1")
+    assert results["cached"][0] == pytest.approx(results["online"][0], rel=1e-3)
+    assert results["cached"][1] == results["online"][1]
+
+
+@pytest.mark.parametrize("extra,match", [(["--imitkd-mix", "token"], "--imitkd-mix sequence"),
+                                         (["--imitkd-target", "argmax"], "--imitkd-target full")])
+def test_imitkd_refuses_a_cache_it_would_not_read(toy_data, teacher, cache, extra, match):
+    with pytest.raises(ValueError, match=match):
+        _imitkd(toy_data, "--teacher-path", teacher, "--kd-teacher-cache", cache, "--imitkd-beta", "0.5", *extra)

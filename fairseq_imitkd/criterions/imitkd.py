@@ -8,6 +8,7 @@ run over a sequence-level KD corpus (the teacher's beam outputs as the "data").
 """
 import functools
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from fairseq.criterions import register_criterion
@@ -16,13 +17,12 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from .. import rollout as rollouts
-from .. import schedules
 from ..errors import OptionError
 from ..losses import IMITKD_TARGETS, imitkd_loss
-from ..rollout import rollout
-from ..schedules import AgreementClock, check_schedule, shape
-from ..schedules import beta as beta_at
+from ..rollout import Rollout, rollout
+from ..schedules import BetaSchedule, BetaScheduleConfig
 from ..scoring import length_groups, scored_log_probs
+from ..teacher import TeacherScores
 from .kd_criterion import KDCriterion, KDDivergenceConfig, check_range, summed
 
 #: what ``--imitkd-mix`` chooses between: whole rows (the paper) or single steps (DAgger-style)
@@ -30,14 +30,12 @@ MIXES = ("sequence", "token")
 # each choice list comes from the module that implements it
 TARGETS = ChoiceEnum(list(IMITKD_TARGETS))
 MIX_CHOICES = ChoiceEnum(list(MIXES))
-SCHEDULES = ChoiceEnum(list(schedules.SCHEDULES))
-CLOCK_CHOICES = ChoiceEnum(list(schedules.CLOCKS))
 SAMPLINGS = ChoiceEnum(list(rollouts.STRATEGIES))
 ENGINES = ChoiceEnum(list(rollouts.ENGINES))
 
 
 @dataclass
-class ImitKDConfig(KDDivergenceConfig):
+class ImitKDConfig(BetaScheduleConfig, KDDivergenceConfig):
     imitkd_target: TARGETS = field(
         default="argmax",
         metadata={"help": "argmax: the teacher's argmax on student prefixes, gold on data prefixes (ImitKD); "
@@ -48,40 +46,6 @@ class ImitKDConfig(KDDivergenceConfig):
         metadata={"help": "sequence: each row keeps its data prefix with probability β, else the student's "
                   "rollout (the paper); token: at each step the teacher picks the token with probability β "
                   "(DAgger-style), and its per-step distributions serve as targets"},
-    )
-    imitkd_beta_schedule: SCHEDULES = field(
-        default="exponential", metadata={"help": "β schedule over updates: exponential base^(-t/N), linear, "
-                                         "reverse_sigmoid, or constant (--imitkd-beta)"}
-    )
-    imitkd_beta_base: float = field(
-        default=200.0, metadata={"help": "base of the exponential (and steepness of reverse_sigmoid) schedule; "
-                                 "paper: 200 IWSLT, 10 CNN/DM, 2 for ImitKD* on WMT"}
-    )
-    imitkd_beta: float = field(default=0.0, metadata={"help": "β of the constant schedule, in [0, 1]"})
-    imitkd_beta_updates: int = field(
-        default=0, metadata={"help": "horizon N of the β schedule in updates; 0 means --max-update"}
-    )
-    imitkd_beta_warmup_updates: int = field(
-        default=0, metadata={"help": "β = 1 (data prefixes only) for the first H updates; the schedule then runs "
-                             "over the rest of the horizon (updates clock) or starts from the student's "
-                             "competence (agreement clock)"}
-    )
-    imitkd_beta_clock: CLOCK_CHOICES = field(
-        default="updates", metadata={"help": "what drives the schedule: updates (t/N, the paper) or agreement "
-                                     "(the student's running argmax agreement with the teacher, between "
-                                     "--imitkd-agree-low and --imitkd-agree-high; needs no horizon)"}
-    )
-    imitkd_agree_low: float = field(
-        default=0.45, metadata={"help": "agreement clock: at or below this running agreement the schedule is at its "
-                               "start (β = 1)"}
-    )
-    imitkd_agree_high: float = field(
-        default=0.6, metadata={"help": "agreement clock: at or above this running agreement the schedule is at its "
-                               "end"}
-    )
-    imitkd_agree_momentum: float = field(
-        default=0.95, metadata={"help": "agreement clock: momentum of the moving average of per-update agreement, "
-                                "in [0, 1)"}
     )
     label_smoothing: float = field(
         default=0.0, metadata={"help": "label smoothing ε of the one-hot targets (gold and teacher argmax, "
@@ -106,7 +70,52 @@ class ImitKDConfig(KDDivergenceConfig):
                                   "others fall back to exact); auto: static on CUDA, exact on CPU"}
     )
     sentence_avg: bool = II("optimization.sentence_avg")
-    max_update: int = II("optimization.max_update")
+
+
+@dataclass
+class PrefixGroup:
+    """The scored positions of some rows of :class:`Prefixes`, flattened in row-major order."""
+
+    prev: torch.Tensor  # (b, width) what the student (and teacher) are fed
+    mask: torch.Tensor  # (b, width) the scored positions
+    next_tokens: torch.Tensor  # (n,) the token that comes next at each: gold on data rows, rolled out elsewhere
+    on_policy: torch.Tensor  # (n,) whether its prefix is (partly) the student's own
+
+    def at(self, per_row: torch.Tensor) -> torch.Tensor:
+        """A ``(b, >= width)`` tensor at this group's scored positions."""
+        return per_row[:, : self.mask.size(1)][self.mask]
+
+
+@dataclass
+class Prefixes:
+    """What one update trains on, from either mixing mode: the prefixes, the next token at each position
+    (pad where nothing is scored), which rows are the student's own, and the rollout when it holds the
+    teacher's targets (token mixing)."""
+
+    prev: torch.Tensor  # (B, T)
+    next_tokens: torch.Tensor  # (B, T), pad after each row's end
+    on_policy: torch.Tensor  # (B,)
+    pad: int
+    stats: dict
+    rollout: Optional[Rollout] = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.next_tokens.ne(self.pad)
+
+    def group(self, rows: Optional[torch.Tensor], width: int) -> PrefixGroup:
+        """The rows ``rows`` (None: all), cut to ``width``."""
+        pick = (lambda x: x[:, :width]) if rows is None else (lambda x: x[rows, :width])
+        mask = pick(self.mask)
+        on_policy = self.on_policy if rows is None else self.on_policy[rows]
+        return PrefixGroup(pick(self.prev), mask, pick(self.next_tokens)[mask],
+                           on_policy.unsqueeze(1).expand_as(mask)[mask])
+
+    @staticmethod
+    def cat_positions(groups) -> PrefixGroup:
+        """Several groups' positions as one (for a batch-level loss, which reads only the flat fields)."""
+        return PrefixGroup(None, None, torch.cat([g.next_tokens for g in groups]),
+                           torch.cat([g.on_policy for g in groups]))
 
 
 @register_criterion("imitkd", dataclass=ImitKDConfig)
@@ -119,127 +128,96 @@ class ImitKDCriterion(KDCriterion):
     select checkpoints by ``--eval-bleu`` all the same.
     """
 
-    def __init__(
-        self, task, imitkd_target, imitkd_mix, imitkd_beta_schedule, imitkd_beta_base, imitkd_beta,
-        imitkd_beta_updates, imitkd_beta_warmup_updates, imitkd_beta_clock, imitkd_agree_low, imitkd_agree_high,
-        imitkd_agree_momentum, label_smoothing, imitkd_sampling, imitkd_topk, imitkd_temperature,
-        imitkd_teacher_sample, imitkd_max_len_a, imitkd_max_len_b, sentence_avg, max_update,
-        imitkd_rollout_engine="auto",
-        kd_divergence="forward_kl", kd_jsd_beta=0.5, kd_atkd_alpha=0.2, kd_teacher_topk=0,
-    ):
+    def __init__(self, task, cfg: ImitKDConfig):
         super().__init__(task)
-        self.set_divergence(kd_divergence, kd_jsd_beta, kd_atkd_alpha, kd_teacher_topk)
-        if (self.divergence != "forward_kl" or kd_teacher_topk) and str(imitkd_target) != "full":
-            raise OptionError("--kd-divergence and --kd-teacher-topk compare whole distributions: they need "
-                             "--imitkd-target full (argmax targets are one-hot)")
-        self.target = str(imitkd_target)
-        self.mix = str(imitkd_mix)
-        self.schedule = str(imitkd_beta_schedule)
-        self.base = imitkd_beta_base
-        self.constant = imitkd_beta
-        self.horizon = imitkd_beta_updates or max_update
-        check_range("imitkd-beta", imitkd_beta, 0.0, 1.0)
-        check_range("imitkd-temperature", imitkd_temperature, 0.0, float("inf"), low_open=True, high_open=True)
-        check_range("imitkd-topk", imitkd_topk, 0, float("inf"), high_open=True)
-        check_range("imitkd-max-len-a", imitkd_max_len_a, 0.0, float("inf"), high_open=True)
-        check_range("label-smoothing", label_smoothing, 0.0, 1.0, high_open=True)
-        if imitkd_beta_updates < 0:
-            raise OptionError(f"--imitkd-beta-updates must be >= 0, got {imitkd_beta_updates}")
-        if imitkd_beta_warmup_updates < 0:
-            raise OptionError(f"--imitkd-beta-warmup-updates must be >= 0, got {imitkd_beta_warmup_updates}")
-        if self.schedule in ("exponential", "reverse_sigmoid"):
-            check_range("imitkd-beta-base", imitkd_beta_base, 1.0, float("inf"), low_open=True, high_open=True)
-        self.warmup = imitkd_beta_warmup_updates
-        self.clock = None
-        if str(imitkd_beta_clock) == "agreement":
-            check_range("imitkd-agree-low", imitkd_agree_low, 0.0, 1.0, high_open=True)
-            check_range("imitkd-agree-high", imitkd_agree_high, 0.0, 1.0, low_open=True)
-            check_range("imitkd-agree-momentum", imitkd_agree_momentum, 0.0, 1.0, high_open=True)
-            if not imitkd_agree_low < imitkd_agree_high:
-                raise OptionError(f"--imitkd-agree-low ({imitkd_agree_low}) must be below --imitkd-agree-high "
-                                 f"({imitkd_agree_high})")
-            self.clock = AgreementClock(imitkd_agree_low, imitkd_agree_high, imitkd_agree_momentum)
-            check_schedule(self.schedule, 1, self.base, self.constant)  # progress replaces t/N: no horizon
-        else:
-            check_schedule(self.schedule, self.horizon, self.base, self.constant, self.warmup)
-        self.eps = label_smoothing
+        self.target = str(cfg.imitkd_target)
+        self.mix = str(cfg.imitkd_mix)
+        if cfg.kd_teacher_cache and self.mix == "token":
+            raise OptionError("--kd-teacher-cache holds the teacher on gold prefixes; --imitkd-mix token decodes with "
+                              "the live teacher at every step and would never read it (use --imitkd-mix sequence)")
+        self.set_divergence(cfg.kd_divergence, cfg.kd_jsd_beta, cfg.kd_atkd_alpha, cfg.kd_teacher_topk,
+                            cfg.kd_teacher_cache, cfg.train_subset, cfg.valid_subset)
+        if (self.divergence != "forward_kl" or self.divergence_args["teacher_topk"]) and self.target != "full":
+            raise OptionError("--kd-divergence, --kd-teacher-topk and --kd-teacher-cache compare whole distributions: "
+                              "they need --imitkd-target full (argmax targets are one-hot)")
+        check_range("imitkd-temperature", cfg.imitkd_temperature, 0.0, float("inf"), low_open=True, high_open=True)
+        check_range("imitkd-topk", cfg.imitkd_topk, 0, float("inf"), high_open=True)
+        check_range("imitkd-max-len-a", cfg.imitkd_max_len_a, 0.0, float("inf"), high_open=True)
+        check_range("label-smoothing", cfg.label_smoothing, 0.0, 1.0, high_open=True)
+        self.schedule = BetaSchedule.from_config(cfg)
+        self.eps = cfg.label_smoothing
         self.rollout_args = dict(
-            max_len_a=imitkd_max_len_a, max_len_b=imitkd_max_len_b, sampling=str(imitkd_sampling),
-            topk=imitkd_topk, temperature=imitkd_temperature, engine=str(imitkd_rollout_engine),
+            max_len_a=cfg.imitkd_max_len_a, max_len_b=cfg.imitkd_max_len_b, sampling=str(cfg.imitkd_sampling),
+            topk=cfg.imitkd_topk, temperature=cfg.imitkd_temperature, engine=str(cfg.imitkd_rollout_engine),
         )
-        self.teacher_sample = imitkd_teacher_sample
-        self.sentence_avg = sentence_avg
+        self.teacher_sample = cfg.imitkd_teacher_sample
+        self.sentence_avg = cfg.sentence_avg
 
+    # The β schedule's state: the task feeds it the all-reduced sums of every training update and checkpoints
+    # it (DistillationTask.state_dict), so that every worker and a resumed run see the same β.
     def current_beta(self) -> float:
-        if self.clock is None:
-            return beta_at(self.schedule, self.update_num, self.horizon, self.base, self.constant, self.warmup)
-        if self.update_num < self.warmup:
-            return 1.0
-        return shape(self.schedule, self.clock.progress, self.base, self.constant)
+        return self.schedule.beta(self.update_num)
 
-    # The agreement clock's state: the task feeds it the all-reduced sums of every training update and
-    # checkpoints it (DistillationTask.state_dict), so that every worker and a resumed run see the same β.
     def observe_update(self, logging_outputs) -> None:
-        if self.clock is not None:
-            self.clock.observe(summed(logging_outputs, "train_agree"), summed(logging_outputs, "train_scored"))
+        self.schedule.observe(summed(logging_outputs, "train_agree"), summed(logging_outputs, "train_scored"))
 
     def schedule_state(self):
-        return None if self.clock is None else self.clock.state_dict()
+        return self.schedule.state_dict()
 
     def load_schedule_state(self, state) -> None:
-        if self.clock is not None and state is not None:
-            self.clock.load_state_dict(state)
+        self.schedule.load_state_dict(state)
 
     def forward(self, model, sample, reduce=True):
-        teacher = self.teacher_for(model)
-        net_input = sample["net_input"]
-        src_tokens, src_lengths = net_input["src_tokens"], net_input["src_lengths"]
+        """Mix the prefixes, then score every group of them against the teacher's targets."""
         beta = self.current_beta() if model.training else 1.0
-        token_mixed = model.training and self.mix == "token"
-        if token_mixed:
-            # the rollout already holds the teacher's distributions: no second teacher pass
-            prev, target, ro, stats = self._token_mixed(model, teacher, sample, beta)
+        teacher = self.teacher_for(model)
+        if model.training and self.mix == "token":
+            prefixes = self.token_mixed_prefixes(model, teacher, sample, beta)
         else:
-            prev, target, on_policy, stats = self._sequence_mixed(model, sample, beta)
-        full_mask = target.ne(self.padding_idx)
-        # Teacher and student passes run per length group (scoring.length_groups): the same sum over the
-        # same positions, over fewer padded cells. The loss is a sum over positions, so it is summed group by
-        # group: the groups' (N, V) log-probs are never concatenated (a copy of each, and of its gradient).
-        ids = sample.get("id")
-        loss, n_agree = 0.0, 0
-        batch_level = self.divergence == "atkd"  # a median and group means over the whole batch
-        parts = []
-        for rows, width in length_groups(full_mask.sum(1)):
-            pick = (lambda x: x[:, :width]) if rows is None else (lambda x, rows=rows: x[rows, :width])
-            src, src_len = (src_tokens, src_lengths) if rows is None else (src_tokens[rows], src_lengths[rows])
-            mask = pick(full_mask)
-            if token_mixed:
-                g_teacher = ro.teacher_lprobs_at(rows) if ro.teacher_lprobs is not None else None
-                g_argmax = pick(ro.teacher_argmax)[mask]
-                g_on_policy = torch.ones_like(g_argmax, dtype=torch.bool)
-            else:
-                g_ids = ids if ids is None or rows is None else ids[rows]
-                g_teacher = teacher.log_probs(src, src_len, pick(prev), mask, ids=g_ids)
-                g_argmax = g_teacher.argmax(-1)
-                g_on_policy = (on_policy if rows is None else on_policy[rows]).unsqueeze(1).expand_as(mask)[mask]
-            g_student = scored_log_probs(model, src, src_len, pick(prev), mask)
-            # the token that comes next at each position: what ATKD splits the distributions by
-            g_next = pick(ro.tokens)[mask] if token_mixed else pick(target)[mask]
-            g = dict(teacher_lprobs=g_teacher, teacher_argmax=g_argmax, gold=pick(target)[mask],
-                     on_policy=g_on_policy, next_tokens=g_next)
-            if batch_level:
-                parts.append((g_student, g))
-            else:
-                loss = loss + imitkd_loss(g_student, self.target, epsilon=self.eps, divergence=self.divergence,
-                                          **g, **self.divergence_args)
-            n_agree = n_agree + (g_student.argmax(-1) == g_argmax).sum().data
-        if batch_level:
-            joined = {k: torch.cat([g[k] for _, g in parts]) for k in parts[0][1]}
-            loss = imitkd_loss(torch.cat([p for p, _ in parts]), self.target, epsilon=self.eps,
-                               divergence=self.divergence, **joined, **self.divergence_args)
+            prefixes = self.sequence_mixed_prefixes(model, sample, beta)
+        loss, n_agree = self.score(model, teacher, sample, prefixes)
+        return self.logged(model, sample, prefixes, beta, loss, n_agree)
 
-        n_scored = int(full_mask.sum())
-        nsentences = src_tokens.size(0)
+    def score(self, model, teacher, sample, prefixes: "Prefixes"):
+        """The loss and the student's agreement with the teacher's argmax, summed over the scored positions.
+
+        Teacher and student passes run per length group (scoring.length_groups): the same sum over the same
+        positions, over fewer padded cells. The groups' ``(N, V)`` log-probs are never concatenated (a copy of
+        each, and of its gradient), except for ATKD, a loss over the whole batch (a median and group means).
+        """
+        net_input = sample["net_input"]
+        keys = self.row_keys(sample, model.training, gold=~prefixes.on_policy)
+        loss, n_agree, parts = 0.0, 0, []
+        for rows, width in length_groups(prefixes.mask.sum(1)):
+            group = prefixes.group(rows, width)
+            src = net_input["src_tokens"] if rows is None else net_input["src_tokens"][rows]
+            src_len = net_input["src_lengths"] if rows is None else net_input["src_lengths"][rows]
+            if prefixes.rollout is not None:  # token mixing: the rollout holds the teacher's targets
+                ro = prefixes.rollout
+                targets = TeacherScores(ro.teacher_lprobs_at(rows) if ro.teacher_lprobs is not None else None,
+                                        actions=group.at(ro.teacher_argmax if rows is None else ro.teacher_argmax[rows]))
+            else:
+                targets = teacher.scores(src, src_len, group.prev, group.mask, keys[rows] if keys else None)
+            student = scored_log_probs(model, src, src_len, group.prev, group.mask)
+            n_agree = n_agree + (student.argmax(-1) == targets.argmax).sum().data
+            if self.divergence == "atkd":
+                parts.append((student, targets, group))
+            else:
+                loss = loss + self.loss(student, targets, group)
+        if parts:
+            loss = self.loss(torch.cat([p[0] for p in parts]), TeacherScores.cat([p[1] for p in parts]),
+                             Prefixes.cat_positions([p[2] for p in parts]))
+        return loss, n_agree
+
+    def loss(self, student, targets: TeacherScores, group: "PrefixGroup"):
+        return imitkd_loss(student, self.target, teacher_lprobs=targets.lprobs, teacher_index=targets.index,
+                           teacher_argmax=targets.argmax, gold=group.next_tokens, on_policy=group.on_policy,
+                           next_tokens=group.next_tokens, epsilon=self.eps, divergence=self.divergence,
+                           **self.divergence_args)
+
+    def logged(self, model, sample, prefixes: "Prefixes", beta: float, loss, n_agree):
+        n_scored = int(prefixes.mask.sum())
+        nsentences = sample["net_input"]["src_tokens"].size(0)
         sample_size = nsentences if self.sentence_avg else n_scored
         logging_output = {
             "loss": loss.data,
@@ -250,26 +228,25 @@ class ImitKDCriterion(KDCriterion):
             "nsentences": nsentences,
             "sample_size": sample_size,
             "beta_x_sents": beta * nsentences,
-            **stats,
+            **prefixes.stats,
         }
         if model.training:  # what the agreement clock reads (validation must not move it)
             logging_output.update(train_agree=n_agree, train_scored=n_scored)
-            if self.clock is not None:
-                logging_output["progress_x_sents"] = self.clock.progress * nsentences
+            if self.schedule.progress is not None:
+                logging_output["progress_x_sents"] = self.schedule.progress * nsentences
         return loss, sample_size, logging_output
 
-    def _sequence_mixed(self, model, sample, beta):
+    def sequence_mixed_prefixes(self, model, sample, beta) -> "Prefixes":
         """Each row keeps its data prefix with probability β, else takes the student's rollout."""
         gold_prev = sample["net_input"]["prev_output_tokens"]
         gold = sample["target"]
         bsz = gold.size(0)
-        if beta >= 1.0:
-            return gold_prev, gold, gold.new_zeros(bsz, dtype=torch.bool), {"n_on_policy": 0, "rollout_tokens": 0}
         # torch's global RNG: fairseq reseeds it every update, so a resumed run draws the same rows
-        on_policy = torch.rand(bsz, device=gold.device) >= beta
+        on_policy = (torch.rand(bsz, device=gold.device) >= beta if beta < 1.0
+                     else gold.new_zeros(bsz, dtype=torch.bool))
         rows = on_policy.nonzero().squeeze(1)
         if rows.numel() == 0:
-            return gold_prev, gold, on_policy, {"n_on_policy": 0, "rollout_tokens": 0}
+            return Prefixes(gold_prev, gold, on_policy, self.padding_idx, {"n_on_policy": 0, "rollout_tokens": 0})
         ro = rollout(
             model, sample["net_input"]["src_tokens"][rows], sample["net_input"]["src_lengths"][rows],
             **self.rollout_args,
@@ -279,32 +256,32 @@ class ImitKDCriterion(KDCriterion):
         # no wider than the rows actually kept: padding costs a full pass of teacher and student
         width = max(ro.tokens.size(1), gold.size(1) if has_data else 0)
         prev = gold_prev.new_full((bsz, width), self.padding_idx)
-        target = gold.new_full((bsz, width), self.padding_idx)
+        next_tokens = gold.new_full((bsz, width), self.padding_idx)
         if has_data:
             prev[data, : gold.size(1)] = gold_prev[data]
-            target[data, : gold.size(1)] = gold[data]
+            next_tokens[data, : gold.size(1)] = gold[data]
         prev[rows, : ro.tokens.size(1)] = ro.prev_output_tokens
-        target[rows, : ro.tokens.size(1)] = ro.tokens  # only its pad pattern is used for student rows
+        next_tokens[rows, : ro.tokens.size(1)] = ro.tokens
         stats = {"n_on_policy": int(rows.numel()), "rollout_tokens": int(ro.lengths.sum())}
-        return prev, target, on_policy, stats
+        return Prefixes(prev, next_tokens, on_policy, self.padding_idx, stats)
 
-    def _token_mixed(self, model, teacher, sample, beta):
-        """Teacher and student decode side by side; the teacher acts with probability β at each step."""
+    def token_mixed_prefixes(self, model, teacher, sample, beta) -> "Prefixes":
+        """Teacher and student decode side by side; the teacher acts with probability β at each step, and its
+        per-step distributions are kept as the targets (no second teacher pass)."""
         ro = rollout(
             model, sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"], teacher=teacher,
             teacher_prob=beta, teacher_sample=self.teacher_sample, keep_teacher_lprobs=self.target == "full",
             **self.rollout_args,
         )
-        mask = ro.tokens.ne(self.padding_idx)
-        target = ro.teacher_argmax.masked_fill(~mask, self.padding_idx)
         n_tokens = int(ro.lengths.sum())
         stats = {
             "n_on_policy_tokens": n_tokens - int(ro.teacher_tokens),
             "rollout_tokens": n_tokens,
             "n_rollouts": ro.tokens.size(0),
         }
-        return ro.prev_output_tokens, target, ro, stats
-
+        # every prefix is (partly) rolled out: every target is the teacher's action
+        on_policy = ro.tokens.new_ones(ro.tokens.size(0), dtype=torch.bool)
+        return Prefixes(ro.prev_output_tokens, ro.tokens, on_policy, self.padding_idx, stats, rollout=ro)
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)

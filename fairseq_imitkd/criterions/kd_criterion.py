@@ -1,16 +1,23 @@
 """What every distillation criterion shares: the teacher, the update counter, the KD divergence and metrics."""
 import functools
 import math
+import os
 from dataclasses import dataclass, field
+from typing import Optional
 
+import torch
 from fairseq import utils
 from fairseq.criterions import FairseqCriterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
+from omegaconf import II
+
 from ..errors import OptionError
-from ..losses import DIVERGENCES
+from ..losses import DIVERGENCES, check_divergence
 from ..tasks.distillation import DistillationTask
+from ..teacher import RowKeys, TeacherBase
+from ..teacher_cache import CachedTeacher, TeacherCache
 
 
 @dataclass
@@ -35,6 +42,13 @@ class KDDivergenceConfig(FairseqDataclass):
         default=0, metadata={"help": "compare the distributions on the teacher's K most likely tokens and one "
                              "tail bucket with the rest of the mass (0: the whole vocabulary); not with atkd"}
     )
+    kd_teacher_cache: Optional[str] = field(
+        default=None, metadata={"help": "a directory written by imitkd-teacher-cache: the teacher's top-k "
+                                "log-probs of the train (and valid) split, read instead of a teacher pass on gold "
+                                "prefixes; implies --kd-teacher-topk K of the cache"}
+    )
+    train_subset: str = II("dataset.train_subset")
+    valid_subset: str = II("dataset.valid_subset")
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open=False, high_open=False) -> None:
@@ -71,23 +85,63 @@ class KDCriterion(FairseqCriterion):
         self.update_num = 0
 
     def set_divergence(self, kd_divergence: str, kd_jsd_beta: float, kd_atkd_alpha: float,
-                       kd_teacher_topk: int = 0) -> None:
-        """Check and keep the KD divergence and its settings (KDDivergenceConfig)."""
-        check_range("kd-jsd-beta", kd_jsd_beta, 0.0, 1.0)
-        check_range("kd-atkd-alpha", kd_atkd_alpha, 0.0, 1.0)
-        check_range("kd-teacher-topk", kd_teacher_topk, 0, float("inf"), high_open=True)
+                       kd_teacher_topk: int = 0, kd_teacher_cache: Optional[str] = None,
+                       train_subset: str = "train", valid_subset: str = "valid") -> None:
+        """Check and keep the KD divergence and its settings, and open the teacher cache (KDDivergenceConfig)."""
         self.divergence = str(kd_divergence)
-        if kd_teacher_topk and self.divergence == "atkd":
-            raise OptionError("--kd-teacher-topk does not apply to --kd-divergence atkd")
+        check_divergence(self.divergence, kd_jsd_beta, kd_atkd_alpha, kd_teacher_topk)
         self.divergence_args = {"jsd_beta": kd_jsd_beta, "atkd_alpha": kd_atkd_alpha,
                                 "teacher_topk": kd_teacher_topk}
+        self.subsets = {True: train_subset, False: valid_subset}
+        self.cached_teacher: Optional[CachedTeacher] = None
+        if kd_teacher_cache:
+            self._open_cache(kd_teacher_cache, kd_teacher_topk)
+
+    def _open_cache(self, directory: str, topk: int) -> None:
+        """The cache answers for the teacher on the gold prefixes of the splits it holds; it must be the one
+        this run would compute."""
+        if self.divergence == "atkd":
+            raise OptionError("--kd-teacher-cache keeps the teacher's top k only; --kd-divergence atkd needs the "
+                              "probability of every next token")
+        if not os.path.isdir(directory):
+            raise OptionError(f"--kd-teacher-cache {directory} does not exist")
+        cache = TeacherCache(directory, self.task.source_dictionary, self.task.target_dictionary,
+                             self.task.cfg.teacher_path)
+        if topk not in (0, cache.k):
+            raise OptionError(f"--kd-teacher-topk {topk}, but the teacher cache {directory} holds the top "
+                              f"{cache.k}: pass --kd-teacher-topk {cache.k} (or nothing)")
+        self.divergence_args["teacher_topk"] = cache.k
+        if not cache.has(self.subsets[True]):
+            raise OptionError(f"the teacher cache {directory} holds no {self.subsets[True]!r} split")
+        # through self.task at each call: whatever task the criterion holds then
+        self.cached_teacher = CachedTeacher(cache, lambda split: self.task.dataset(split),
+                                            lambda device: self.task.teacher(device))
+
+    def check_split(self, name: str, dataset) -> None:
+        """Called by the task when it loads a split: a cache of that split is opened and checked against it
+        now (sentences, lengths, array shapes), not at the first update, after fairseq has written crash.pt."""
+        if self.cached_teacher is not None and self.cached_teacher.cache.has(name):
+            self.cached_teacher.cache.split(name, dataset)
 
     def set_update_num(self, update_num: int) -> None:
         """Called by ``DistillationTask.train_step`` before every forward pass."""
         self.update_num = update_num
 
-    def teacher_for(self, model):
-        return self.task.teacher(next(model.parameters()).device)
+    def teacher_for(self, model) -> TeacherBase:
+        """The teacher on the student's device: the cache where one is given (it calls on the live teacher
+        for what it does not hold), else the task's."""
+        device = next(model.parameters()).device
+        if self.cached_teacher is not None:
+            return self.cached_teacher.to(device)
+        return self.task.teacher(device)
+
+    def row_keys(self, sample, training: bool, gold=None) -> Optional[RowKeys]:
+        """What a precomputed teacher looks this batch's rows up by (``gold``: rows on their own target's
+        prefix; default every row)."""
+        ids = sample.get("id")
+        if ids is None:
+            return None
+        return RowKeys(self.subsets[training], ids, ids.new_ones(ids.shape, dtype=torch.bool) if gold is None else gold)
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
