@@ -7,7 +7,8 @@ lr=0, so the student is the same for every method and batch.
 
 The student (``transformer_student_small``) is first trained for ``--pretrain-updates`` updates with
 label-smoothed CE, so that its rollouts have realistic lengths (a random student rolls out to the
-length limit). ImitKD runs at β=0, fully on-policy. The teacher is the shared Multi30k teacher.
+length limit). ImitKD runs at β=0, fully on-policy (``imitkd_full_cache``: β=1). The teacher is the shared
+Multi30k teacher.
 
 Example (CPU, 1 thread)::
 
@@ -19,10 +20,11 @@ Both rollout engines side by side (each imitkd method runs twice, ``<method>`` w
     python benchmarks/update_speed.py --device cuda --engine both --prewarm \\
         --out benchmarks/results/update_speed_engines_gpu.json
 
-The teacher cache against the online teacher and plain CE (``word_kd_cache`` builds the cache first)::
+The teacher cache against the online teacher and plain CE (a cached method builds the cache first;
+``imitkd_full_cache`` is ImitKD+Full at β = 1, all gold rows read from the cache)::
 
-    OMP_NUM_THREADS=1 python benchmarks/update_speed.py --threads 1 --methods ce,word_kd,word_kd_cache \\
-        --out benchmarks/results/update_speed_cache_cpu_t1.json
+    OMP_NUM_THREADS=1 python benchmarks/update_speed.py --threads 1 --cache-topk 32 \\
+        --methods ce,word_kd,word_kd_cache,imitkd_full_cache --out benchmarks/results/update_speed_cache_cpu_t1.json
 """
 import argparse
 import contextlib
@@ -49,13 +51,17 @@ METHODS = {
     "word_kd": ["--criterion", "word_kd", "--kd-alpha", "0.5"],
     # the same loss as word_kd --kd-teacher-topk K, read from imitkd-teacher-cache's files: no teacher pass
     "word_kd_cache": ["--criterion", "word_kd", "--kd-alpha", "0.5", "--kd-teacher-cache", "{cache}"],
+    # ImitKD+Full at β = 1 from the same cache: every row is gold, read from the files (no rollout, no teacher)
+    "imitkd_full_cache": ["--criterion", "imitkd", "--imitkd-target", "full", "--imitkd-sampling", "greedy",
+                          "--kd-teacher-cache", "{cache}", "--imitkd-beta-schedule", "constant", "--imitkd-beta", "1"],
     "imitkd_topk5": ["--criterion", "imitkd", "--imitkd-target", "argmax", "--imitkd-sampling", "topk",
                      "--imitkd-topk", "5"],
     "imitkd_full_greedy": ["--criterion", "imitkd", "--imitkd-target", "full", "--imitkd-sampling", "greedy"],
     "imitkd_token_full_greedy": ["--criterion", "imitkd", "--imitkd-mix", "token", "--imitkd-target", "full",
                                  "--imitkd-sampling", "greedy"],
 }
-BETA0 = ["--imitkd-beta-schedule", "constant", "--imitkd-beta", "0"]
+BETA0 = ["--imitkd-beta-schedule", "constant", "--imitkd-beta", "0"]  # unless a method sets its own β
+CACHED = [name for name, flags in METHODS.items() if "{cache}" in flags]
 
 
 def parse_args(argv=None):
@@ -76,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher-fp16", action="store_true")
     p.add_argument("--engine", default="auto", choices=["auto", "exact", "static", "both"],
                    help="--imitkd-rollout-engine of the imitkd methods; both: each imitkd method with each engine")
-    p.add_argument("--methods", default=",".join(m for m in METHODS if m not in ("ce", "word_kd_cache")))
+    p.add_argument("--methods", default=",".join(m for m in METHODS if m != "ce" and m not in CACHED))
     p.add_argument("--cache-topk", type=int, default=8, help="K of the teacher cache (word_kd_cache)")
     p.add_argument("--out", required=True, help="JSON results; a markdown summary is printed")
     return p.parse_args(argv)
@@ -119,7 +125,7 @@ def build(bin_dir, student_ckpt, args):
     for name, engine in method_engines(args):
         parser = options.get_training_parser()
         method = [a.replace("{cache}", cache_dir(args)) for a in METHODS[name]]
-        beta = BETA0 if name.startswith("imitkd") else []
+        beta = BETA0 if name.startswith("imitkd") and "--imitkd-beta" not in method else []
         if engine is not None:
             beta = beta + ["--imitkd-rollout-engine", engine]
             if args.engine == "both" and engine == "static":
@@ -188,7 +194,7 @@ def main(argv=None):
 
     bin_dir = multi30k.prepare(args.text_dir, args.teacher_dir, args.workdir, os.path.join(args.workdir, "logs"))
     student_ckpt = args.student or pretrain_student(args, bin_dir)
-    cache = teacher_cache(args, bin_dir) if "word_kd_cache" in args.methods.split(",") else None
+    cache = teacher_cache(args, bin_dir) if set(CACHED) & set(args.methods.split(",")) else None
     task, model, criteria = build(bin_dir, student_ckpt, args)
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -260,6 +266,8 @@ def main(argv=None):
         }
         if "ce" in times:
             r["ratio_vs_ce"] = total / sum(times["ce"])
+        if "word_kd_cache" in times:
+            r["ratio_vs_word_kd_cache"] = total / sum(times["word_kd_cache"])
         if rolled:
             r["mean_rollout_len"] = sum(log["rollout_tokens"] for log in logs[name]) / rolled
         for key, value in parts.get(name, {}).items():
@@ -278,7 +286,9 @@ def main(argv=None):
         "teacher_dtype": "float16" if args.teacher_fp16 else "float32",
         "student": args.student or "transformer_student_small (3+1 layers, d=128), pretrained "
                    f"{args.pretrain_updates} updates with label-smoothed CE",
-        "batches": args.batches, "max_tokens": args.max_tokens, "beta": 0.0,
+        "batches": args.batches, "max_tokens": args.max_tokens,
+        "beta": {name: (1.0 if "--imitkd-beta" in METHODS[name.split("@")[0]] else 0.0) for name in names
+                 if name.startswith("imitkd")},
         "rollout_engine": args.engine, "prewarm": args.prewarm,
         "teacher_cache": cache,
         "methods": results,
@@ -287,7 +297,7 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print(f"\n{out['device']}, torch {out['torch']}, {out['threads']} thread(s), {args.batches} batches of "
-          f"<= {args.max_tokens} tokens, beta=0\n")
+          f"<= {args.max_tokens} tokens, imitkd at beta=0 unless its name says cache (beta=1)\n")
     if cache:
         print(f"teacher cache: K={cache['k']}, {cache['bytes_per_target_token']} bytes per target token, "
               f"built in {cache['build_s']} s\n")

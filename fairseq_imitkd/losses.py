@@ -255,8 +255,26 @@ _UNDERFLOW = 1e-30  # far above float32's smallest normal (1.2e-38): below it, e
 
 
 def student_buckets(student_lprobs: Tensor, index: Tensor) -> Tensor:
-    """``(N, k+1)``: the student's log-probs of the ``k`` tokens ``index`` and one tail bucket with the rest."""
-    return torch.cat([student_lprobs.gather(-1, index), tail_mass(student_lprobs, index)], -1)
+    """``(N, k+1)``: the student's log-probs of the ``k`` tokens ``index`` and one tail bucket with the rest.
+
+    The tail is the complement of the k tokens' mass, from those k log-probs alone: no pass over the
+    vocabulary forward or backward, where :func:`tail_mass` makes several (the bulk of a cached word_kd
+    update's KD term). The complement carries the float32 log-probs' absolute error, so rows whose rest is
+    below ``_COMPLEMENT_FLOOR`` take :func:`tail_mass`; above it the tail's log is within a few 1e-3 of
+    the exact one (tests/test_losses.py), the precision of the float16 values a teacher cache stores.
+    Only for a normalised student (log_softmax), which is what every criterion hands here.
+    """
+    top = student_lprobs.gather(-1, index)
+    rest = -torch.expm1(torch.logsumexp(top.double(), -1, keepdim=True))  # 1 - Σ_k p_k, in float64
+    tail = rest.clamp_min(_UNDERFLOW).log().to(top.dtype)
+    small = rest.squeeze(-1) < _COMPLEMENT_FLOOR
+    if small.any():
+        rows = small.nonzero().squeeze(-1)
+        tail = tail.index_put((rows,), tail_mass(student_lprobs[rows], index[rows]))
+    return torch.cat([top, tail], -1)
+
+
+_COMPLEMENT_FLOOR = 1e-3
 
 
 def topk_with_tail(student_lprobs: Tensor, teacher_lprobs: Tensor, k: int) -> Tuple[Tensor, Tensor]:

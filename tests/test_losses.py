@@ -311,6 +311,35 @@ def test_tail_mass_is_the_log_sum_exp_of_the_rest_also_where_it_underflows():
     assert torch.isneginf(full).all()
 
 
+def test_the_student_tail_from_the_complement_is_within_the_cache_precision_and_exact_where_small():
+    """student_buckets reads the tail off the k log-probs (no V-wide pass); where the rest is below its floor
+    it takes tail_mass. Reference: the float64 distribution's rest."""
+    from fairseq_imitkd.losses import _COMPLEMENT_FLOOR, student_buckets, tail_mass
+
+    gen = torch.Generator().manual_seed(57)
+    logits = torch.randn(3000, 500, generator=gen, dtype=torch.float64) * torch.linspace(1, 9, 3000).unsqueeze(1)
+    exact = logits.log_softmax(-1)
+    lprobs = logits.float().log_softmax(-1).requires_grad_(True)
+    index = lprobs.detach().topk(8, -1).indices
+    out = student_buckets(lprobs, index)
+    reference = exact.scatter(-1, index, -math.inf).logsumexp(-1)
+    rest = reference.exp()
+    assert (rest < _COMPLEMENT_FLOOR).any() and (rest >= _COMPLEMENT_FLOOR).any()  # both routes taken
+    error = (out[:, -1].double() - reference).abs()
+    assert error[rest >= _COMPLEMENT_FLOOR].max() < 5e-3
+    small = rest < _COMPLEMENT_FLOOR * 0.5  # clearly below the floor: the exact route, bit for bit
+    torch.testing.assert_close(out[small, -1], tail_mass(lprobs.detach()[small], index[small]).squeeze(-1),
+                               rtol=0, atol=0)
+    assert torch.equal(out[:, :-1], lprobs.detach().gather(-1, index))
+    # the gradient reaching the student's logits is the exact tail's (the log-probs are normalised)
+    grads = []
+    for tail in (lambda lp: student_buckets(lp, index)[:, -1], lambda lp: tail_mass(lp, index).squeeze(-1)):
+        z = logits.float().requires_grad_(True)
+        tail(z.log_softmax(-1))[rest >= 0.01].sum().backward()
+        grads.append(z.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+
+
 def test_a_teacher_given_as_buckets_gives_the_topk_loss_and_gradient():
     """A cache hands over the teacher's top k and tail, never its (N, V) distribution: the loss and the
     student's gradient must be those of --kd-teacher-topk K on the whole teacher."""
