@@ -18,6 +18,7 @@ from typing import List, Optional
 import torch
 from fairseq.dataclass.configs import GenerationConfig
 
+from ..ct2_deploy import SATURATION_HINT, int8_saturates_here
 from . import SeqKDError
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,6 @@ class CTranslate2Engine:
     def __init__(self, teacher_path: str, data: str, source_lang: str, target_lang: str, src_dict, tgt_dict,
                  gen_cfg: GenerationConfig, use_cuda: bool, compute_type: str, vmap: Optional[str] = None,
                  int8_weight_bits: int = 8, max_batch_size: int = 0):
-        from fairseq_imitkd_translate import SATURATION_HINT, int8_saturates_here
-
         from ..export import export
 
         try:
