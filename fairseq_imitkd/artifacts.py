@@ -22,20 +22,32 @@ def tmp_path(path: str) -> str:
     return f"{path}.tmp{os.getpid()}"
 
 
+def write_atomic(path: str, fill: Callable[[str], None]) -> None:
+    """``fill(tmp)`` writes the file at a temporary name, then it is renamed to ``path``: a reader sees the whole
+    old file or the whole new one. A failed ``fill`` leaves ``path`` as it was and no temporary file."""
+    tmp = tmp_path(path)
+    try:
+        fill(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
 def write_json(path: str, obj) -> None:
     """``obj`` as indented, key-sorted JSON, written atomically."""
-    tmp = tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    def fill(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    write_atomic(path, fill)
 
 
 def copy_file(src: str, dst: str) -> None:
     """Copy ``src`` to ``dst`` atomically."""
-    tmp = tmp_path(dst)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def read_json(path: str, error, hint: str) -> Optional[dict]:

@@ -17,8 +17,7 @@ from fairseq.dataclass.configs import GenerationConfig
 from ..artifacts import copy_file, write_json
 from ..teacher import load_teacher, split_teacher_paths
 from . import SeqKDError
-from .checks import (check_inputs, check_lengths, check_options, check_output, corpus_settings, setup_task, use_cuda,
-                     warn_if_pieces)
+from .checks import check_lengths, check_output, corpus_settings, load_checked, use_cuda, warn_if_pieces
 from .corpus_files import (MANIFEST, SHARDS, STATS, ShardFiles, clear_output, copy_indexed, file_stat, merge_indexed,
                            read_manifest, read_stats, write_indexed)
 from .decoding import SentenceBleu, decode_shard, shard_range
@@ -29,11 +28,7 @@ logger = logging.getLogger("fairseq_imitkd.seqkd")
 
 def build(args) -> dict:
     """Check everything, decode the shards that are not done, merge when all are; return a summary."""
-    check_options(args)
-    prefixes = check_inputs(args)
-    task = setup_task(args)
-    task.load_dataset(args.split)
-    dataset = task.dataset(args.split)
+    prefixes, task, dataset = load_checked(args)
     n = len(dataset)
     if n == 0:
         raise SeqKDError(f"split {args.split!r} of {args.data} is empty")
@@ -185,13 +180,11 @@ def _aggregate(markers: List[dict], args, settings: dict, copied: List[str]) -> 
         stats["changed_fraction"] = total["changed"] / n
     return stats
 
+
 def status(args) -> str:
     """What a build with these options would find in OUTPUT (see --status)."""
-    check_options(args)
-    prefixes = check_inputs(args)
-    task = setup_task(args)
-    task.load_dataset(args.split)
-    settings = corpus_settings(args, prefixes, len(task.dataset(args.split)))
+    prefixes, _task, dataset = load_checked(args)
+    settings = corpus_settings(args, prefixes, len(dataset))
     out = args.output
     if not os.path.isdir(out) or not os.listdir(out):
         return "missing"

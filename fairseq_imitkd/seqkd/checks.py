@@ -75,6 +75,16 @@ def check_options(args) -> None:
         args.max_tokens = DEFAULT_MAX_TOKENS
 
 
+def load_checked(args):
+    """Every check that reads no teacher weights (options, inputs, the teacher's files), then the split:
+    ``(prefixes, task, dataset)``. A build and ``--status`` start here, so both refuse the same inputs."""
+    check_options(args)
+    prefixes = check_inputs(args)
+    task = setup_task(args)
+    task.load_dataset(args.split)
+    return prefixes, task, task.dataset(args.split)
+
+
 def split_prefix(data: str, split: str, src: str, tgt: str) -> Optional[str]:
     """``DATA/split.src-tgt.`` (or fairseq's other accepted order ``split.tgt-src.``) if the source exists."""
     for a, b in ((src, tgt), (tgt, src)):
@@ -192,9 +202,6 @@ def check_output(args, settings: dict) -> Optional[dict]:
                   "it, or choose another --output", "{key}: {want!r} now, {have!r} there")
 
 
-# --- the run's own checks, once the teacher is loaded ---------------------------------------------------
-
-
 def use_cuda(args) -> bool:
     return torch.cuda.is_available() and not args.cpu
 
@@ -206,6 +213,9 @@ def setup_task(args):
     check_teacher_files(args.teacher_path, args.teacher_data, args.source_lang, args.target_lang,
                         task.source_dictionary, task.target_dictionary, data=args.data)
     return task
+
+# --- the run's own checks, once the teacher is loaded ---------------------------------------------------
+
 
 def check_lengths(dataset, n: int, max_positions) -> None:
     """Every sentence must get a target: fail on one the teacher cannot take instead of skipping it."""

@@ -19,10 +19,10 @@ Every check (data, split, teacher, dictionaries, output directory) runs before a
 
 Seq-Inter choices:
 - K defaults to the beam (5): the n-best list then comes from the very beam search Seq-KD runs anyway.
-  Kim & Rush went up to K=35 (``--beam 35 --nbest 35``). On CPU that is impractical for a training set:
-  with the Multi30k teacher, 1 thread, beam 35 took 7.4x beam 5's time (32.6 s against 4.4 s for 101
-  sentences). On an H100 the wider beam is nearly free for a small teacher, and scoring 35 candidates
-  per sentence with sacrebleu (on the CPU) becomes the main cost.
+  Kim & Rush went up to K=35 (``--beam 35 --nbest 35``): on CPU a beam seven times wider costs several
+  times the decoding of a training set (no benchmark here measures it), while on a GPU the wider beam
+  costs little for a small teacher and scoring 35 candidates per sentence with sacrebleu (on the CPU)
+  becomes the main cost.
 - Smoothing: sacrebleu's ``BLEU(effective_order=True, smooth_method="exp")``, exactly
   ``sacrebleu.sentence_bleu``'s defaults, so any chosen score can be recomputed with one sacrebleu call.
   The K candidates of one beam differ by a few tokens and, on short sentences, often share no 4-gram
@@ -84,6 +84,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None, help="sentences per batch")
     g.add_argument("--cpu", action="store_true", help="decode on CPU even if a GPU is available")
     g.add_argument("--fp16", action="store_true", help="hold the teacher in float16 (GPU only, fairseq engine)")
+    # the speed and the targets of the CTranslate2 engine and its sub-batches: benchmarks/README.md, "Seq-KD
+    # corpora: fairseq against CTranslate2" and "Sub-batches for the CTranslate2 engine"
     g.add_argument("--engine", choices=ENGINES, default="fairseq",
                    help="fairseq: the SequenceGenerator, as fairseq-generate; ctranslate2: convert the teacher once "
                         "and decode with CTranslate2, several times faster on CPU, not bit-equal (default: %(default)s)")
