@@ -52,7 +52,7 @@ def build(args) -> dict:
             logger.info("shard %d/%d already done: skipped", i, args.num_shards)
         todo = [i for i in todo if i not in summary["reused_shards"]]
     if args.merge:
-        missing = [i for i in range(args.num_shards) if manifest is None or not shards.done(i)]
+        missing = list(range(args.num_shards)) if manifest is None else shards.missing()
         if missing:
             raise SeqKDError(f"--merge: shards {missing} of {args.num_shards} are not finished in {out}")
 
