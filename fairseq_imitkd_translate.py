@@ -6,6 +6,7 @@ by length, decoding and writing; this command only hands it sentencepiece as its
 outside the package, as ``imitkd-user-dir`` does: a deployed student needs neither torch nor fairseq.
 """
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -14,31 +15,26 @@ import tempfile
 from typing import List, Optional
 
 logger = logging.getLogger("imitkd-translate")
-SPM_NAME = "spm.model"  # what imitkd-export copies beside the weights
-MANIFEST = "imitkd_export.json"  # what imitkd-export records beside the weights
-CPU_INT8 = ("int8", "int8_float32")  # the CPU int8 types, the only ones a narrower weight range is for
-#: what CTranslate2 computes on CPU for the int8 types with half-precision activations (none on CPU)
-CPU_EQUIVALENT = {"int8_float16": "int8", "int8_bfloat16": "int8"}
-SATURATION_HINT = ("this CPU has AVX2 but no VNNI, where CTranslate2's int8 products are summed in pairs into int16 "
-                   "and can saturate with 8-bit weights (on Multi30k students: up to 1.8 BLEU lost); 7-bit weights "
-                   "avoid it at the same speed")
 
 
-def cpu_int8_saturates(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this x86 CPU multiplies int8 with AVX2's ``vpmaddubsw``, whose pair sums saturate at int16:
-    the case when it lacks VNNI, which accumulates straight into int32. False where it cannot tell."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx2" in flags and not {"avx512_vnni", "avx_vnni"} & set(flags)
+def _load_torch_free(name: str):
+    """``fairseq_imitkd/<name>.py``, loaded by its path: importing it as ``fairseq_imitkd.<name>`` would run the
+    package's ``__init__``, which imports torch and fairseq. ``find_spec`` locates the package (the very copy
+    Python would import, installed or editable) without importing it, as ``imitkd-user-dir`` does."""
+    package = importlib.util.find_spec("fairseq_imitkd")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("imitkd-translate: the fairseq_imitkd package is not importable from this Python")
+    path = os.path.join(list(package.submodule_search_locations)[0], f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_fairseq_imitkd_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def int8_saturates_here(compute_type: Optional[str], weight_bits: Optional[int]) -> bool:
-    """Whether a model computed in ``compute_type`` with ``weight_bits``-bit int8 weights risks saturated
-    sums on this CPU: the case the three commands warn about."""
-    return compute_type in CPU_INT8 and weight_bits == 8 and cpu_int8_saturates()
+#: the export's layout and the int8 check, shared with imitkd-export and imitkd-seqkd
+ct2_deploy = _load_torch_free("ct2_deploy")
+SPM_NAME, MANIFEST, CPU_EQUIVALENT, SATURATION_HINT = (ct2_deploy.SPM_NAME, ct2_deploy.MANIFEST,
+                                                       ct2_deploy.CPU_EQUIVALENT, ct2_deploy.SATURATION_HINT)
 
 
 def _warn_if_int8_saturates(args: argparse.Namespace) -> None:
@@ -50,7 +46,7 @@ def _warn_if_int8_saturates(args: argparse.Namespace) -> None:
     compute = exported.get("quantization") if args.compute_type == "default" else args.compute_type
     # CTranslate2 has no float16 on CPU: a GPU export (int8_float16, int8_bfloat16) runs there as int8
     compute = CPU_EQUIVALENT.get(compute, compute)
-    if int8_saturates_here(compute, exported.get("int8_weight_bits")):
+    if ct2_deploy.int8_saturates_here(compute, exported.get("int8_weight_bits")):
         logger.warning("%s: re-export with imitkd-export --int8-weight-bits 7", SATURATION_HINT)
 
 

@@ -21,9 +21,10 @@ def attention_backends(device):
     """Keep scaled-dot-product attention off cuDNN on CUDA.
 
     In half precision torch picks cuDNN's attention, which builds a new execution plan for every new
-    batch shape: on an H100 that cost 5.7 ms of CPU per attention call against 40 µs on the GPU, and
-    made an fp16 teacher pass 50× slower than fp32 (benchmarks/README.md). Batches of text change
-    shape every step, so flash / memory-efficient attention are the right kernels here.
+    batch shape: on an H100 that planning cost far more CPU per attention call than the call's GPU work,
+    and made word_kd with an fp16 teacher slower than with an fp32 one (the profile and the timings:
+    benchmarks/README.md, "fp16 teacher on GPU (fixed)"). Batches of text change shape every step, so
+    flash / memory-efficient attention are the right kernels here.
     """
     if sdpa_kernel is None or device.type != "cuda":
         return contextlib.nullcontext()

@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import artifacts
+from .artifacts import pending, write_json
 from .errors import ImitKDError
 from .losses import tail_mass
-from .seqkd import corpus_files
-from .seqkd.corpus_files import write_json
-from .teacher import (RowKeys, TeacherBase, TeacherScores, check_teacher_files, check_teacher_paths, dictionary_fingerprint, file_identity,
+from .teacher import (RowKeys, TeacherBase, TeacherScores, check_teacher_files, check_teacher_paths,
+                      dictionary_fingerprint, file_identity,
                       load_teacher, split_teacher_paths, translation_task)
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,13 @@ class CacheError(ImitKDError):
     is incomplete or damaged; the message names the difference."""
 
 
+OVERWRITE_HINT = "rebuild the cache with --overwrite"
+#: a difference between this run's settings and the cache's, as the cache's errors word it
+LINE = "{key}: {have!r} in the cache, {want!r} here"
+
+
 def read_json(path: str) -> Optional[dict]:
-    return corpus_files.read_json(path, CacheError, "rebuild the cache with --overwrite")
+    return artifacts.read_json(path, CacheError, OVERWRITE_HINT)
 
 
 def split_identity(dataset) -> dict:
@@ -66,15 +72,13 @@ def bytes_per_position(k: int, vocab_size: int) -> int:
     return k * (2 + np.dtype(index_dtype(vocab_size)).itemsize) + 4
 
 
-def _differences(want: dict, have: dict, prefix: str = "") -> List[str]:
-    out = []
-    for key in sorted(set(want) | set(have)):
-        a, b = want.get(key), have.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {b!r} in the cache, {a!r} here")
-    return out
+def _differences(want: dict, have: dict) -> List[str]:
+    return artifacts.differences(want, have, LINE)
+
+
+def _recorded(settings: dict):
+    """The manifest's values of ``settings``' keys: the keys it has besides (``splits``) are not compared."""
+    return lambda manifest: {key: manifest.get(key) for key in settings}
 
 
 # --- building ---------------------------------------------------------------------------------------
@@ -114,13 +118,11 @@ def build(data: str, out: str, teacher_path: str, k: int, splits: List[str], tea
 
 def _build(out, task, datasets, settings, teacher_path, teacher_data, k, vocab, max_tokens, chunk_sentences, cpu,
            overwrite) -> dict:
-    manifest = read_json(os.path.join(out, MANIFEST))
-    if manifest is not None and not overwrite:
-        diff = _differences(settings, {key: manifest.get(key) for key in settings})
-        if diff:
-            raise CacheError(f"{out} holds a teacher cache built with other settings ({'; '.join(diff)}): pass "
-                             "--overwrite to replace it, or choose another directory")
-    if manifest is None or overwrite:
+    manifest = artifacts.resume(
+        os.path.join(out, MANIFEST), settings, _recorded(settings), overwrite, CacheError, OVERWRITE_HINT,
+        f"{out} holds a teacher cache built with other settings ({{differences}}): pass --overwrite to replace it, "
+        "or choose another directory", LINE)
+    if manifest is None:
         manifest = dict(settings, splits={})
     summary = {"output": out, "splits": {}}
     teacher, device = None, torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
@@ -129,10 +131,9 @@ def _build(out, task, datasets, settings, teacher_path, teacher_data, k, vocab, 
         recorded = manifest["splits"].get(split)
         split_dir = os.path.join(out, split)
         if recorded is not None and not overwrite:
-            diff = _differences(ident, {key: recorded.get(key) for key in ident})
-            if diff:
-                raise CacheError(f"{out}/{split} was built from another {split} split ({'; '.join(diff)}): pass "
-                                 "--overwrite to rebuild it")
+            artifacts.require_same(ident, _recorded(ident)(recorded), CacheError,
+                                   f"{out}/{split} was built from another {split} split ({{differences}}): pass "
+                                   "--overwrite to rebuild it", LINE)
             # what the manifest says is checked against what is on disk: a file deleted, truncated or replaced,
             # or a chunk whose marker is gone, is computed again rather than reported complete
             problem = _check_split_files(split_dir, dataset, k, vocab)
@@ -202,7 +203,7 @@ def _missing_chunks(split_dir: str, n: int) -> List[int]:
     progress = read_json(os.path.join(split_dir, PROGRESS))
     size = progress["chunk_sentences"]
     done = set(progress.get("done", []))
-    return [c for c in range((n + size - 1) // size) if c not in done]
+    return pending((n + size - 1) // size, done.__contains__)
 
 
 def _allocate(split_dir: str, dataset, k: int, vocab: int) -> None:

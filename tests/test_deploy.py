@@ -101,7 +101,7 @@ def test_quantize_rows_is_symmetric_per_row_at_the_given_width():
     (None, False),  # no flags line (ARM), or no /proc/cpuinfo: cannot tell, so no warning
 ])
 def test_cpu_int8_saturation_is_read_from_the_cpu_flags(tmp_path, flags, saturates):
-    from fairseq_imitkd_translate import cpu_int8_saturates
+    from fairseq_imitkd.ct2_deploy import cpu_int8_saturates
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\n" + (f"flags\t\t: {flags}\n" if flags else "Features\t: fp asimd\n"))
@@ -125,7 +125,7 @@ def test_translate_warns_about_8_bit_int8_weights_only_where_the_cpu_saturates(t
         (8, "int8_float16", "default", False, False),
     ]:
         (model / "imitkd_export.json").write_text(json.dumps({"quantization": quantization, "int8_weight_bits": bits}))
-        monkeypatch.setattr(translate, "cpu_int8_saturates", lambda saturates=saturates: saturates)
+        monkeypatch.setattr(translate.ct2_deploy, "cpu_int8_saturates", lambda saturates=saturates: saturates)
         caplog.clear()
         translate._warn_if_int8_saturates(argparse.Namespace(model=str(model), device="cpu", compute_type=compute))
         assert ("--int8-weight-bits 7" in caplog.text) is warned, (bits, quantization, compute, saturates)
@@ -389,3 +389,13 @@ def test_a_failed_translation_leaves_the_previous_output_in_place(tmp_path, monk
     assert translate.translate(args)["sentences"] == 1
     assert out.read_text() == "half a translation\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.txt", "text.txt"]
+
+
+def test_translate_imports_neither_torch_nor_fairseq():
+    """A deployed student needs neither: imitkd-translate loads fairseq_imitkd/ct2_deploy.py by its path, and never
+    the package, whose __init__ imports both."""
+    code = ("import sys, fairseq_imitkd_translate as t; print(t.ct2_deploy.MANIFEST, "
+            "sorted(m for m in ('torch', 'fairseq', 'fairseq_imitkd') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "imitkd_export.json []", out.stdout + out.stderr

@@ -37,10 +37,17 @@ import data  # noqa: E402  (benchmarks/multi30k)
 import evaluate  # noqa: E402
 import methods  # noqa: E402
 
+
+def load_file(name: str, path: str):
+    """The module in ``path``, under ``name``, loaded without importing any package around it."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # the benchmark's run.py, under its own name: this file is "run" too when imported
-_spec = importlib.util.spec_from_file_location("multi30k_run", os.path.join(REPO, "benchmarks", "multi30k", "run.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_file("multi30k_run", os.path.join(REPO, "benchmarks", "multi30k", "run.py"))
 
 USER_DIR = os.path.join(REPO, "fairseq_imitkd")
 URL = "https://github.com/multi30k/dataset/raw/master/data/task1/raw/{name}.gz"
@@ -395,9 +402,9 @@ def main(argv=None) -> int:
     best = max(students, key=lambda n: students[n]["test_bleu"])
     spm_model = os.path.join(demo.work, "spm.model")
     print("Deploy one with CTranslate2 (pip install -e \".[ct2]\"):")
-    from fairseq_imitkd_translate import int8_saturates_here  # torch-free
-
-    bits = " --int8-weight-bits 7" if int8_saturates_here("int8", 8) else ""  # a CPU whose int8 sums saturate
+    # by its path: importing fairseq_imitkd would import torch and fairseq into this driver
+    ct2_deploy = load_file("ct2_deploy", os.path.join(USER_DIR, "ct2_deploy.py"))
+    bits = " --int8-weight-bits 7" if ct2_deploy.int8_saturates_here("int8", 8) else ""  # a CPU whose int8 sums saturate
     print(f"  imitkd-export {students[best]['checkpoint']} -o {demo.work}/export_{best} --quantization int8 "
           f"--spm {spm_model}{bits}")
     print(f"  imitkd-translate {demo.work}/export_{best} -i {demo.raw}/test_2016_flickr.de -o {demo.work}/{best}.en")

@@ -7,7 +7,13 @@ teacher's K-best, the candidate closest to the reference by smoothed sentence BL
   one shard, and the candidate selection;
 - ``corpus_files``: the files of a corpus directory (shards and their markers, the manifest, fairseq's mmap
   ``.bin``/``.idx`` written atomically, merged and copied);
-- ``cli``: the command line, its checks, and the build and resume logic.
+- ``checks``: every check of the options, inputs and output, run before anything is written, and the
+  settings a corpus records;
+- ``build``: decoding the unfinished shards, the merge into a data directory, and ``--status``;
+- ``cli``: the command line.
+
+The manifest, atomic writes and settings comparison it shares with the teacher cache are in
+``fairseq_imitkd.artifacts``.
 """
 from ..errors import ImitKDError
 

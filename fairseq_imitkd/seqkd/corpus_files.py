@@ -3,6 +3,8 @@
 ``OUT/seqkd_manifest.json`` says what the corpus was made from (so that a rerun resumes only the same
 corpus), ``OUT/.shards/`` holds the finished shards with their completion markers until the merge, and
 ``OUT/seqkd_stats.json`` is written last, once the directory is a complete fairseq data directory.
+The atomic JSON and file writes, the manifest's reading and its settings check are ``fairseq_imitkd.artifacts``'s,
+shared with the teacher cache; what is here is the corpus's own: fairseq's indexed datasets and its layout.
 """
 import json
 import logging
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from fairseq.data import indexed_dataset
 
+from ..artifacts import copy_file, pending, read_json, tmp_path
 from . import SeqKDError
 
 MANIFEST = "seqkd_manifest.json"
@@ -21,10 +24,6 @@ STATS = "seqkd_stats.json"
 SHARDS = ".shards"
 
 logger = logging.getLogger("fairseq_imitkd.seqkd")
-
-
-def _tmp(path: str) -> str:
-    return f"{path}.tmp{os.getpid()}"
 
 
 def write_indexed(prefix: str, items: Sequence[torch.Tensor], vocab_size: int) -> None:
@@ -42,17 +41,17 @@ def merge_indexed(prefix: str, parts: Sequence[str], vocab_size: int) -> None:
 
 def _write_atomic(prefix: str, vocab_size: int, fill) -> None:
     data, index = indexed_dataset.data_file_path(prefix), indexed_dataset.index_file_path(prefix)
-    builder = indexed_dataset.make_builder(_tmp(data), impl="mmap", vocab_size=vocab_size)
+    builder = indexed_dataset.make_builder(tmp_path(data), impl="mmap", vocab_size=vocab_size)
     try:
         fill(builder)
-        builder.finalize(_tmp(index))
+        builder.finalize(tmp_path(index))
     except BaseException:
-        for path in (_tmp(data), _tmp(index)):
+        for path in (tmp_path(data), tmp_path(index)):
             if os.path.exists(path):
                 os.remove(path)
         raise
-    os.replace(_tmp(data), data)
-    os.replace(_tmp(index), index)
+    os.replace(tmp_path(data), data)
+    os.replace(tmp_path(index), index)
 
 
 def read_indexed(prefix: str) -> List[np.ndarray]:
@@ -63,19 +62,12 @@ def read_indexed(prefix: str) -> List[np.ndarray]:
     return [ds[i].numpy() for i in range(len(ds))]
 
 
-def read_json(path: str, error, hint: str) -> Optional[dict]:
-    """A JSON record, None when absent; an unreadable one raises ``error`` naming the file and ``hint``."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:
-        raise error(f"{path} is not valid JSON ({e}): {hint}") from e
+#: what an unreadable manifest's error tells to do
+OVERWRITE_HINT = "pass --overwrite to replace this directory's corpus"
 
 
 def read_manifest(out: str) -> Optional[dict]:
-    return read_json(os.path.join(out, MANIFEST), SeqKDError, "pass --overwrite to replace this directory's corpus")
+    return read_json(os.path.join(out, MANIFEST), SeqKDError, OVERWRITE_HINT)
 
 
 def clear_output(out: str) -> None:
@@ -87,20 +79,6 @@ def clear_output(out: str) -> None:
                                      or (name.startswith("dict.") and name.endswith(".txt"))):
             os.remove(path)
     logger.info("--overwrite: removed the previous corpus's files from %s", out)
-
-
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def copy_file(src: str, dst: str) -> None:
-    tmp = f"{dst}.tmp{os.getpid()}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def copy_indexed(src_prefix: str, dst_prefix: str) -> None:
@@ -128,6 +106,10 @@ class ShardFiles:
     def read_marker(self, i: int) -> dict:
         with open(self.marker(i), encoding="utf-8") as f:
             return json.load(f)
+
+    def missing(self) -> List[int]:
+        """The shards still to decode: those without a finished marker."""
+        return pending(self.num_shards, self.done)
 
 
 def read_stats(out: str) -> Optional[dict]:

@@ -18,6 +18,7 @@ from typing import List, Optional
 import torch
 from fairseq.dataclass.configs import GenerationConfig
 
+from ..ct2_deploy import SATURATION_HINT, int8_saturates_here
 from . import SeqKDError
 
 logger = logging.getLogger(__name__)
@@ -25,8 +26,9 @@ logger = logging.getLogger(__name__)
 ENGINES = ("fairseq", "ctranslate2")
 #: CPU default: int8 weights, the fastest; GPUs get int8 weights with float16 activations
 DEFAULT_COMPUTE_TYPE = {"cpu": "int8", "cuda": "int8_float16"}
-#: CPU default of --ct2-max-batch-size without a vocabulary map: a fairseq batch of 8,000 source tokens
-#: (about 500 sentences, 2,500 beams) decodes faster in CTranslate2 as sub-batches of this many sentences
+#: CPU default of --ct2-max-batch-size without a vocabulary map: CTranslate2 decodes a fairseq batch as
+#: sub-batches of this many sentences (faster in one exploration, within the noise at the engine level:
+#: benchmarks/README.md, "Sub-batches for the CTranslate2 engine")
 CT2_CPU_MAX_BATCH = 32
 
 
@@ -77,8 +79,6 @@ class CTranslate2Engine:
     def __init__(self, teacher_path: str, data: str, source_lang: str, target_lang: str, src_dict, tgt_dict,
                  gen_cfg: GenerationConfig, use_cuda: bool, compute_type: str, vmap: Optional[str] = None,
                  int8_weight_bits: int = 8, max_batch_size: int = 0):
-        from fairseq_imitkd_translate import SATURATION_HINT, int8_saturates_here
-
         from ..export import export
 
         try:
