@@ -124,7 +124,7 @@ def naive_greedy(model, src_tokens, src_lengths, min_len, max_len, project_all=T
     otherwise only the last position is projected, a stronger baseline.  Same masking rules as
     ``rollout`` (pad never, EOS forbidden before ``min_len``, only EOS at ``max_len``).
     """
-    from fairseq_imitkd.rollout import apply_generation_rules
+    from fairseq_imitkd.rollout_steps import apply_generation_rules
 
     dictionary = model.decoder.dictionary
     eos, pad = dictionary.eos(), dictionary.pad()

@@ -21,7 +21,7 @@ exactly as in eager mode. On CPU the same step runs eagerly and attends to the `
 positions only.
 
 The generation rules are ``SequenceGenerator``'s at beam 1, shared with ``rollout.py``
-(``apply_generation_rules``, ``_greedy``, ``_sample``, ``max_rollout_len``). In float32 the greedy
+(``rollout_steps.py``: ``apply_generation_rules``, ``_greedy``, ``_sample``; ``rollout.max_rollout_len``). In float32 the greedy
 tokens equal ``SequenceGenerator``'s except where a reordered float sum flips a near-tie; sampled
 rollouts are seeded and repeatable, but not the exact engine's draws (that one shrinks the batch, so
 ``torch.multinomial`` sees other shapes).
@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import rollout as exact
-from .rollout import Rollout, _advance_scores, _greedy, _sample, apply_generation_rules
+from .rollout_steps import Rollout, _advance_scores, _greedy, _sample, apply_generation_rules, teacher_forcing_layout
 
 logger = logging.getLogger(__name__)
 
@@ -400,11 +399,6 @@ def static_unsupported(model: nn.Module, teachers: List[nn.Module]) -> Optional[
     return None
 
 
-def rollout(model: nn.Module, src_tokens: Tensor, src_lengths: Tensor, **kwargs) -> Rollout:
-    """``rollout.rollout`` with the static engine: same arguments, same :class:`Rollout`."""
-    return exact.rollout(model, src_tokens, src_lengths, engine="static", **kwargs)
-
-
 @torch.no_grad()
 def decode(model, teachers, src_tokens, src_lengths, *, eos, pad, max_len, min_len, sampling, topk,
            temperature, teacher_prob, teacher_sample, keep_teacher_lprobs, graphs: Optional[bool] = None) -> Rollout:
@@ -489,7 +483,7 @@ def _loop(policies, bsz, device, src_tokens, *, eos, pad, max_len, min_len, samp
         if step < max_len and finished(done, step):
             break
 
-    tokens, prev_output_tokens, after_end = exact.teacher_forcing_layout(out, lengths, eos, pad)
+    tokens, prev_output_tokens, after_end = teacher_forcing_layout(out, lengths, eos, pad)
     width = tokens.size(1)
     teacher_lprobs = None
     if has_teacher and keep_teacher_lprobs:

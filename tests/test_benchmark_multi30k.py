@@ -85,19 +85,16 @@ def test_every_method_has_arguments_and_kd_methods_get_the_teacher():
         assert tier["validate_after"] <= tier["max_update"]
 
 
-def test_bad_options_are_refused_with_their_name(capsys):
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "scratch,nope"], "unknown method(s) nope"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--seeds", "1,x"], "--seeds must be comma-separated integers"),
+    (["--methods", "scratch,word_kd@1+x"], "--methods word_kd@1+x: seeds after @"),
+])
+def test_bad_options_are_refused_with_their_name(capsys, argv, message):
     with pytest.raises(SystemExit):
-        run.parse_args(["--methods", "scratch,nope"])
-    assert "unknown method(s) nope" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run.parse_args(["--jobs", "0"])
-    assert "--jobs must be at least 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run.parse_args(["--seeds", "1,x"])
-    assert "--seeds must be comma-separated integers" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run.parse_args(["--methods", "scratch,word_kd@1+x"])
-    assert "--methods word_kd@1+x: seeds after @" in capsys.readouterr().err
+        run.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_a_method_can_have_its_own_seeds():

@@ -29,7 +29,8 @@ from fairseq.models.transformer import TransformerModel  # noqa: E402
 from fairseq.modules import FairseqDropout  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
-from fairseq_imitkd.rollout import STRATEGIES, Rollout, max_rollout_len, rollout  # noqa: E402
+from fairseq_imitkd.rollout import STRATEGIES, max_rollout_len, rollout  # noqa: E402
+from fairseq_imitkd.rollout_steps import Rollout  # noqa: E402
 from fairseq_imitkd.teacher import Teacher  # noqa: E402
 
 
@@ -73,20 +74,23 @@ def batch(bundle):
     return src_tokens, src_lengths
 
 
-def build_tiny(bundle, seed=0, dropout=0.0, max_target_positions=None):
-    """A small random transformer over the teacher's dictionaries: a policy clearly unlike the teacher."""
+def build_tiny(bundle, seed=0, dropout=0.0, max_target_positions=None, layers=1, heads=2, **overrides):
+    """A small random transformer over the teacher's dictionaries: a policy clearly unlike the teacher.
+    ``overrides``: model options to change (the architecture variants of the static engine's tests)."""
     _, cfg, task = bundle
     args = copy.deepcopy(cfg.model)
     for side in ("encoder", "decoder"):
-        setattr(args, f"{side}_layers", 1)
+        setattr(args, f"{side}_layers", layers)
         setattr(args, f"{side}_embed_dim", 32)
         setattr(args, f"{side}_ffn_embed_dim", 64)
-        setattr(args, f"{side}_attention_heads", 2)
+        setattr(args, f"{side}_attention_heads", heads)
     args.decoder_input_dim = args.decoder_output_dim = 32
     args.dropout = dropout
     args.attention_dropout = args.activation_dropout = 0.0
     if max_target_positions is not None:
         args.max_target_positions = max_target_positions
+    for key, value in overrides.items():
+        setattr(args, key, value)
     torch.manual_seed(seed)
     return TransformerModel.build_model(args, task).eval()
 
@@ -132,11 +136,15 @@ def check_layout(ro: Rollout, eos, pad):
 # --------------------------------------------------------------------------- greedy = SequenceGenerator
 
 
-@pytest.mark.parametrize(
+#: the length rules every engine must apply as fairseq's SequenceGenerator does
+LENGTH_RULES = pytest.mark.parametrize(
     "kwargs",
     [{}, {"max_len_b": 5}, {"max_len_a": 0.5, "max_len_b": 2}, {"min_len": 12}],
     ids=["default", "max_len_b=5", "max_len_a=0.5", "min_len=12"],
 )
+
+
+@LENGTH_RULES
 def test_greedy_matches_sequence_generator(teacher, tgt_dict, batch, kwargs):
     src_tokens, src_lengths = batch
     reference = sequence_generator([teacher], tgt_dict, src_tokens, src_lengths, **kwargs)
@@ -328,16 +336,22 @@ def test_mixed_rollout_returns_teacher_forced_lprobs(student, teacher, tgt_dict,
         teacher=Teacher([teacher]), teacher_prob=0.5, teacher_sample=teacher_sample,
     )
     check_layout(ro, tgt_dict.eos(), tgt_dict.pad())
+    check_teacher_targets(ro, [teacher], src_tokens, src_lengths, tgt_dict)
+
+
+def check_teacher_targets(ro, teachers, src_tokens, src_lengths, tgt_dict):
+    """The rollout's kept teacher log-probs and argmax are the teacher's, forced on the rolled-out prefixes:
+    packed one row per generated position (none for padding), and right for any subset of rows in any
+    order, as a length group of the criterion asks for them."""
     mask = ro.tokens.ne(tgt_dict.pad())
-    # packed: one row per generated position, none for padding
     assert ro.teacher_lprobs.shape == (int(mask.sum()), len(tgt_dict)) and ro.teacher_lprobs.dtype == torch.float32
-    expected = teacher_forced_lprobs([teacher], src_tokens, src_lengths, ro.prev_output_tokens)
+    expected = teacher_forced_lprobs(teachers, src_tokens, src_lengths, ro.prev_output_tokens)
     assert torch.allclose(ro.teacher_lprobs, expected[mask], atol=1e-4, rtol=0)
-    # any subset of rows, in any order, as a length group of the criterion asks for them
     rows = torch.argsort(ro.lengths, descending=True)[: ro.tokens.size(0) // 2 + 1]
     assert torch.allclose(ro.teacher_lprobs_at(rows), expected[rows][mask[rows]], atol=1e-4, rtol=0)
     assert torch.equal(ro.teacher_argmax[mask], expected.argmax(-1)[mask])
     assert ro.teacher_argmax[~mask].eq(tgt_dict.pad()).all()
+    return mask
 
 
 def test_intermediate_beta_mixes_both_policies(student, teacher, tgt_dict, batch):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from test_rollout import (  # noqa: F401  (fixtures)
-    DATA_DIR, TEACHER_DIR, assert_same_as, batch, build_tiny, check_layout, sequence_generator, student,
-    teacher_forced_lprobs, tgt_dict,
+    DATA_DIR, LENGTH_RULES, TEACHER_DIR, assert_same_as, batch, build_tiny, check_layout, check_teacher_targets,
+    sequence_generator, student, teacher_forced_lprobs, tgt_dict,
 )
 
 from fairseq_imitkd import static_rollout  # noqa: E402
@@ -86,11 +86,7 @@ def test_greedy_matches_sequence_generator_on_the_whole_valid_set(bundle, m30k, 
     assert total == len(lines) and same >= 0.999 * total
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [{}, {"max_len_b": 5}, {"max_len_a": 0.5, "max_len_b": 2}, {"min_len": 12}],
-    ids=["default", "max_len_b=5", "max_len_a=0.5", "min_len=12"],
-)
+@LENGTH_RULES
 def test_greedy_matches_sequence_generator(m30k, tgt_dict, batch, kwargs):
     src_tokens, src_lengths = batch
     reference = sequence_generator([m30k], tgt_dict, src_tokens, src_lengths, **kwargs)
@@ -109,21 +105,7 @@ def test_max_decoder_positions_caps_length(bundle, tgt_dict, batch):
 
 def variant(bundle, seed, **overrides):
     """A small random transformer (2 decoder layers) with some of the family's options changed."""
-    _, cfg, task = bundle
-    args = copy.deepcopy(cfg.model)
-    for side in ("encoder", "decoder"):
-        setattr(args, f"{side}_layers", 2)
-        setattr(args, f"{side}_embed_dim", 32)
-        setattr(args, f"{side}_ffn_embed_dim", 64)
-        setattr(args, f"{side}_attention_heads", 4)
-    args.decoder_input_dim = args.decoder_output_dim = 32
-    args.dropout = args.attention_dropout = args.activation_dropout = 0.0
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    from fairseq.models.transformer import TransformerModel
-
-    torch.manual_seed(seed)
-    model = TransformerModel.build_model(args, task).eval()
+    model = build_tiny(bundle, seed=seed, layers=2, heads=4, **overrides)
     # random weights give near-uniform distributions; sharper ones make the test meaningful
     if model.decoder.output_projection is not None:  # (None with adaptive softmax)
         with torch.no_grad():
@@ -182,14 +164,7 @@ def test_token_mixing_returns_teacher_forced_lprobs(student, m30k, tgt_dict, bat
     ro = rollout(student, src_tokens, src_lengths, sampling="topk", topk=10, max_len_b=25, teacher=Teacher([m30k]),
                  teacher_prob=0.5, teacher_sample=teacher_sample, **STATIC)
     check_layout(ro, tgt_dict.eos(), tgt_dict.pad())
-    mask = ro.tokens.ne(tgt_dict.pad())
-    assert ro.teacher_lprobs.shape == (int(mask.sum()), len(tgt_dict))
-    expected = teacher_forced_lprobs([m30k], src_tokens, src_lengths, ro.prev_output_tokens)
-    assert torch.allclose(ro.teacher_lprobs, expected[mask], atol=1e-4, rtol=0)
-    rows = torch.argsort(ro.lengths, descending=True)[: ro.tokens.size(0) // 2 + 1]
-    assert torch.allclose(ro.teacher_lprobs_at(rows), expected[rows][mask[rows]], atol=1e-4, rtol=0)
-    assert torch.equal(ro.teacher_argmax[mask], expected.argmax(-1)[mask])
-    assert ro.teacher_argmax[~mask].eq(tgt_dict.pad()).all()
+    mask = check_teacher_targets(ro, [m30k], src_tokens, src_lengths, tgt_dict)
     n = int(mask.sum())
     assert 0 < int(ro.teacher_tokens) < n  # both policies acted, counted over generated tokens only
 
@@ -244,10 +219,10 @@ def test_sampling_draws_only_from_top_k(student, tgt_dict, batch):
 
 
 def test_rows_with_no_finite_score_end_instead_of_reaching_multinomial():
-    """Both engines sample through rollout._sample: a row without mass (an fp16 overflow, NaN turned to
+    """Both engines sample through rollout_steps._sample: a row without mass (an fp16 overflow, NaN turned to
     -inf by the generation rules) takes EOS (full distribution) or its first top-k candidate, and never
     reaches torch.multinomial, which raises on CPU and fires a device-side assert on CUDA."""
-    from fairseq_imitkd.rollout import _sample
+    from fairseq_imitkd.rollout_steps import _sample
 
     lprobs = torch.tensor([[-0.1, -30.0, -math.inf, -30.0], [-math.inf] * 4, [math.nan] * 4])
     lprobs = lprobs.masked_fill(lprobs.isnan(), -math.inf)

@@ -116,12 +116,17 @@ def test_a_cache_of_other_dictionaries_is_refused(toy_data, cache, tmp_path):
         _criterion(data, "--kd-teacher-cache", cache)
 
 
-def test_a_cache_of_another_split_is_refused(toy_data, cache, tmp_path):
-    data = tmp_path / "other_train"
+def _swapped_split(toy_data, data, split, other):
+    """A copy of the toy data whose ``split`` holds the sentences of ``other``."""
     shutil.copytree(toy_data, data)
     for lang in ("src", "tgt"):
         for ext in ("bin", "idx"):
-            shutil.copy(toy_data / f"valid.src-tgt.{lang}.{ext}", data / f"train.src-tgt.{lang}.{ext}")
+            shutil.copy(toy_data / f"{other}.src-tgt.{lang}.{ext}", data / f"{split}.src-tgt.{lang}.{ext}")
+    return data
+
+
+def test_a_cache_of_another_split_is_refused(toy_data, cache, tmp_path):
+    data = _swapped_split(toy_data, tmp_path / "other_train", "train", "valid")
     # refused when the split is loaded, before the first update (after which fairseq writes crash.pt)
     task, _, criterion = _criterion(data, "--kd-teacher-cache", cache)
     with pytest.raises(CacheError, match=r"built from another train split \(.*sentences: 2000 in the cache, 100 here"):
@@ -136,11 +141,7 @@ def test_a_cache_of_another_split_is_refused(toy_data, cache, tmp_path):
 def test_a_cache_of_another_valid_split_is_refused_when_the_criterion_is_built(toy_data, cache, tmp_path):
     """fairseq-train loads the valid splits before it builds the criterion: they are checked then."""
 
-    data = tmp_path / "other_valid"
-    shutil.copytree(toy_data, data)
-    for lang in ("src", "tgt"):
-        for ext in ("bin", "idx"):
-            shutil.copy(toy_data / f"test.src-tgt.{lang}.{ext}", data / f"valid.src-tgt.{lang}.{ext}")
+    data = _swapped_split(toy_data, tmp_path / "other_valid", "valid", "test")
     with pytest.raises(CacheError, match="built from another valid split"):
         fairseq_train(data, "--task", "distillation", "--criterion", "word_kd", "--kd-alpha", "0.5",
                       "--kd-teacher-cache", cache, *STUDENT, *COMMON_TRAIN, "--max-update", "2",
@@ -168,20 +169,26 @@ def test_a_damaged_or_unfinished_cache_is_refused(toy_data, cache, tmp_path, dam
 # --- building -------------------------------------------------------------------------------------------
 
 
+def _undo_chunk(copy, chunk, size=500):
+    """The train split of a cache copy as if chunk ``chunk`` had never been computed: its done marker gone and
+    its values zeroed (a resume that skipped it would leave the zeros)."""
+    progress = json.loads((copy / "train" / "progress.json").read_text())
+    progress["done"].remove(chunk)
+    (copy / "train" / "progress.json").write_text(json.dumps(progress))
+    offsets = np.load(copy / "train" / "offsets.npy")
+    values = np.load(copy / "train" / "values.npy", mmap_mode="r+")
+    values[offsets[chunk * size]:offsets[(chunk + 1) * size]] = 0
+    values.flush()
+    del values
+
+
 def test_an_interrupted_build_resumes_with_the_missing_chunk_only(toy_data, teacher, cache, tmp_path):
     copy = tmp_path / "cache"
     shutil.copytree(cache, copy)
-    progress = json.loads((copy / "train" / "progress.json").read_text())
-    progress["done"].remove(1)  # as if killed during chunk 1 (sentences 500-999)
-    (copy / "train" / "progress.json").write_text(json.dumps(progress))
+    _undo_chunk(copy, 1)  # as if killed during chunk 1 (sentences 500-999)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["splits"]["train"]["complete"] = False
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    offsets = np.load(copy / "train" / "offsets.npy")
-    values = np.load(copy / "train" / "values.npy", mmap_mode="r+")
-    values[offsets[500]:offsets[1000]] = 0
-    values.flush()
-    del values
 
     summary = build(str(toy_data), str(copy), str(teacher), K, ["train", "valid"], chunk_sentences=500, cpu=True)
     assert summary["splits"]["train"]["chunks_computed"] == 1 and summary["splits"]["valid"] == {"reused": True}
@@ -214,14 +221,7 @@ def test_rebuilding_a_complete_cache_checks_its_files(toy_data, teacher, cache, 
         path = copy / "train" / "tail.npy"
         path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     else:
-        progress = json.loads((copy / "train" / "progress.json").read_text())
-        progress["done"].remove(2)
-        (copy / "train" / "progress.json").write_text(json.dumps(progress))
-        offsets = np.load(copy / "train" / "offsets.npy")
-        values = np.load(copy / "train" / "values.npy", mmap_mode="r+")
-        values[offsets[1000]:offsets[1500]] = 0
-        values.flush()
-        del values
+        _undo_chunk(copy, 2)
     summary = build(str(toy_data), str(copy), str(teacher), K, ["train", "valid"], chunk_sentences=500, cpu=True)
     assert summary["splits"]["train"]["chunks_computed"] == (1 if damage == "marker" else 4), summary
     assert summary["splits"]["valid"] == {"reused": True}
