@@ -20,7 +20,7 @@ import numpy as np
 
 from fairseq_imitkd_translate import CPU_INT8, MANIFEST, SATURATION_HINT, SPM_NAME, int8_saturates_here
 
-from .checkpoint_loading import config_value, read_fairseq_checkpoint
+from .repairs.checkpoint_loading import config_value, read_fairseq_checkpoint
 from .errors import ImitKDError
 
 logger = logging.getLogger(__name__)
