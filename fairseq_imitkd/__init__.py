@@ -3,13 +3,13 @@
 Load with ``fairseq-train --user-dir "$(imitkd-user-dir)"``. Importing the package registers the
 ``distillation`` task, the KD criterions and the student architectures, allow-lists what fairseq
 checkpoints need for torch's safe loading, and routes fairseq-train's launch through a guard that makes
-CPU multi-process training work or refuses it in one line (``distributed.py``). Imports are relative so
-that fairseq can import this folder under its basename from a source checkout or from site-packages.
+CPU multi-process training work or refuses it in one line (``repairs/call_main.py``). Imports are relative
+so that fairseq can import this folder under its basename from a source checkout or from site-packages.
 """
-from . import checkpoint_loading  # noqa: F401  (allow-list first: everything below may load checkpoints)
+from .repairs import checkpoint_loading  # noqa: F401  (allow-list first: everything below may load checkpoints)
 from . import criterions, models, tasks  # noqa: F401
-from . import distributed
+from .repairs import call_main
 
-distributed.install()  # fairseq-train's launch guard and one-line errors (see distributed.py)
+call_main.install()  # fairseq-train's launch guard and one-line errors (see repairs/call_main.py)
 
 __version__ = "0.1.0"

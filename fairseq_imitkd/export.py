@@ -18,8 +18,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .checkpoint_loading import config_value, read_fairseq_checkpoint
 from .ct2_deploy import CPU_INT8, MANIFEST, SATURATION_HINT, SPM_NAME, int8_saturates_here
+from .repairs.checkpoint_loading import config_value, read_fairseq_checkpoint
 from .errors import ImitKDError
 
 logger = logging.getLogger(__name__)

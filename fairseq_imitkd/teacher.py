@@ -20,7 +20,7 @@ from fairseq import checkpoint_utils, tasks, utils
 from fairseq.data import Dictionary
 from torch import Tensor
 
-from .checkpoint_loading import config_value, read_fairseq_checkpoint
+from .repairs.checkpoint_loading import config_value, read_fairseq_checkpoint
 from .errors import ImitKDError
 from .scoring import outside_autocast, scored_log_probs
 
@@ -332,7 +332,7 @@ def translation_task(data: str, source_lang: Optional[str], target_lang: Optiona
     are given their defaults."""
     from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-    from .splits import explained_split_errors
+    from .repairs.split_errors import explained_split_errors
 
     class CheckedTranslationTask(TranslationTask):
         def load_dataset(self, split, **kwargs):  # a missing or uneven split: one line, no traceback

@@ -62,7 +62,7 @@ def fairseq_train(*args) -> None:
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq_cli import train
 
-    from fairseq_imitkd.distributed import main_then_stop_prefetch
+    from fairseq_imitkd.repairs.call_main import main_then_stop_prefetch
     from fairseq_imitkd.repairs import apply_to_config
 
     # fairseq keeps the best validation score on a function attribute; in one process it would leak

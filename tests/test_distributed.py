@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import COMMON_TRAIN, REPO, USER_DIR
-from fairseq_imitkd import distributed
+from fairseq_imitkd.repairs import cpu_launch
 
 PROBE = str(REPO / "tests" / "ddp_probe.py")
 STUDENT = ["--arch", "transformer_student_tiny", "--share-all-embeddings"]
@@ -144,23 +144,23 @@ TORCHRUN = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "2
     (dict(ddp_backend="legacy_ddp"), TORCHRUN, "--distributed-backend gloo"),
 ])
 def test_cpu_launches_that_cannot_work_are_refused(settings, env, words):
-    with pytest.raises(distributed.LaunchError, match="torchrun") as e:
-        distributed.check_launch(_cfg(**settings), env=env, cuda_devices=0)
+    with pytest.raises(cpu_launch.LaunchError, match="torchrun") as e:
+        cpu_launch.check_launch(_cfg(**settings), env=env, cuda_devices=0)
     assert words in str(e.value)
 
 
 def test_torchrun_on_cpu_takes_rank_and_world_size_from_its_environment():
     cfg = _cfg(ddp_backend="legacy_ddp", distributed_backend="gloo")
-    distributed.check_launch(cfg, env=TORCHRUN, cuda_devices=0)
+    cpu_launch.check_launch(cfg, env=TORCHRUN, cuda_devices=0)
     dt = cfg.distributed_training
     assert (dt.distributed_rank, dt.distributed_world_size, dt.distributed_init_method, dt.distributed_no_spawn) \
         == (1, 2, "env://", True)
     single = _cfg()
-    distributed.check_launch(single, env={}, cuda_devices=0)  # one process: untouched
+    cpu_launch.check_launch(single, env={}, cuda_devices=0)  # one process: untouched
     assert single.distributed_training.distributed_init_method is None
     gpus = _cfg(distributed_world_size=2)
     gpus.common.cpu = False
-    distributed.check_launch(gpus, env={}, cuda_devices=2)  # GPUs: fairseq's own launcher
+    cpu_launch.check_launch(gpus, env={}, cuda_devices=2)  # GPUs: fairseq's own launcher
     assert gpus.distributed_training.distributed_init_method is None
 
 

@@ -11,7 +11,7 @@ from conftest import COMMON_TRAIN, USER_DIR, fairseq_train, first_batch, read_js
 
 
 def allowed_names():
-    from fairseq_imitkd.checkpoint_loading import FAIRSEQ_CHECKPOINT_GLOBALS
+    from fairseq_imitkd.repairs.checkpoint_loading import FAIRSEQ_CHECKPOINT_GLOBALS
 
     return {f"{g.__module__}.{g.__qualname__}" for g in FAIRSEQ_CHECKPOINT_GLOBALS}
 

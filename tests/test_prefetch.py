@@ -1,4 +1,4 @@
-"""fairseq's prefetch threads end before exit, however far the epoch got (see fairseq_imitkd/prefetch.py)."""
+"""fairseq's prefetch threads end before exit, however far the epoch got (see fairseq_imitkd/repairs/prefetch_threads.py)."""
 import atexit
 import functools
 import os
@@ -13,8 +13,8 @@ from fairseq.data.iterators import BackgroundConsumer, BufferedIterator
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.distributed import utils as distributed_utils
 
-from fairseq_imitkd import distributed
-from fairseq_imitkd.prefetch import stop_prefetch_threads
+from fairseq_imitkd.repairs import call_main
+from fairseq_imitkd.repairs.prefetch_threads import stop_prefetch_threads
 
 
 class SlowBatches:
@@ -77,5 +77,5 @@ def test_each_process_fairseq_spawns_ends_its_prefetch_threads():
         "unused-data-dir", "--arch", "transformer", "--cpu", "--distributed-backend", "gloo",
         "--distributed-world-size", "1", "--distributed-init-method", init])
     cfg = convert_namespace_to_omegaconf(args)  # as fairseq-train makes it
-    main = functools.partial(distributed.main_then_stop_prefetch, _train_stopped_mid_epoch)
+    main = functools.partial(call_main.main_then_stop_prefetch, _train_stopped_mid_epoch)
     torch.multiprocessing.spawn(fn=distributed_utils.distributed_main, args=(main, cfg, {}), nprocs=1)

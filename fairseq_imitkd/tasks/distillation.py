@@ -1,6 +1,11 @@
-"""The ``distillation`` task: fairseq's translation task plus a lazily loaded, frozen teacher."""
+"""The ``distillation`` task: fairseq's translation task plus a lazily loaded, frozen teacher.
+
+Beyond the teacher, the task holds the criterion's schedule state (β) in its checkpoint state, without
+knowing what is in it. The fairseq behaviour it repairs on the way (resumed batches, the task state on
+resume, the start checkpoint's dictionaries, a split's load errors) lives in :mod:`fairseq_imitkd.repairs`,
+one file per repair; the methods here only call into it.
+"""
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -9,9 +14,9 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
-from ..checkpoint_loading import read_checkpoint_lazily
-from ..errors import ImitKDError, OptionError
-from ..splits import explained_split_errors
+from ..errors import OptionError
+from ..repairs import resume_batches, split_errors, start_checkpoint, task_state_on_resume
+from ..repairs.start_checkpoint import DICTIONARIES
 from ..teacher import (TeacherBase, check_teacher_files, check_teacher_paths, dictionary_fingerprint,
                        load_teacher)
 
@@ -36,14 +41,13 @@ class DistillationConfig(TranslationConfig):
     )
     teacher_fp16: bool = field(default=False, metadata={"help": "hold the teacher in float16"})
     teacher_bf16: bool = field(default=False, metadata={"help": "hold the teacher in bfloat16"})
-    # where fairseq-train resumes from: the task restores its own state from there (see _resume_state)
+    # where fairseq-train resumes from (repairs/task_state_on_resume.py, repairs/start_checkpoint.py)
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
     finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
     checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
 
 SCHEDULE_STATE = "kd_schedule"
-DICTIONARIES = "dictionaries"
 
 
 @register_task("distillation", dataclass=DistillationConfig)
@@ -95,9 +99,9 @@ class DistillationTask(TranslationTask):
             self._check_split_for_criterion(split)
         return criterion
 
-    # Schedule state (ImitKD's agreement clock) lives in the checkpoint's task_state. This fairseq build's
-    # trainer saves task.state_dict() but never loads it back when training resumes, so the task reads
-    # it itself from the checkpoint that fairseq resumed from, at the first training step.
+    # Schedule state (ImitKD's agreement clock) lives in the checkpoint's task_state. fairseq's trainer saves
+    # task.state_dict() but never loads it back when training resumes, so the task reads it itself from the
+    # checkpoint that fairseq resumed from, at the first training step (repairs/task_state_on_resume.py).
     def state_dict(self):
         state = dict(super().state_dict())
         state[DICTIONARIES] = self._dictionaries
@@ -117,22 +121,13 @@ class DistillationTask(TranslationTask):
             self._criterion.load_schedule_state(schedule)
             self._resume_checked = True
 
-    def _resume_path(self) -> str:
-        """The checkpoint fairseq-train resumes from (its own rule in checkpoint_utils.load_checkpoint)."""
-        suffix = self.cfg.checkpoint_suffix or ""
-        if self.cfg.restore_file == "checkpoint_last.pt":
-            return os.path.join(self.cfg.save_dir, f"checkpoint_last{suffix}.pt")
-        return self.cfg.restore_file.replace(".pt", suffix + ".pt") if suffix else self.cfg.restore_file
-
     def _resume_state(self, criterion, update_num: int) -> None:
         self._resume_checked = True
         if update_num == 0 or criterion.schedule_state() is None:
             return  # a fresh run (or one whose optimizer was reset): the schedule starts fresh too
-        path = self._resume_path()
-        state = read_checkpoint_lazily(path) if os.path.isfile(path) else {}  # the weights stay on disk
-        saved_updates = state.get("optimizer_history", [{}])[-1].get("num_updates")
-        schedule = state.get("task_state", {}).get(SCHEDULE_STATE)
-        if schedule is None or saved_updates != update_num:
+        path, task_state = task_state_on_resume.saved_task_state(self.cfg, update_num)
+        schedule = task_state.get(SCHEDULE_STATE)
+        if schedule is None:
             logger.warning(
                 "resuming at update %d but %s holds no schedule state for that update: the agreement clock "
                 "starts afresh", update_num, path,
@@ -148,30 +143,8 @@ class DistillationTask(TranslationTask):
         return model
 
     def check_start_checkpoint(self) -> None:
-        """A run that resumes or continues (``--finetune-from-model``) a student trained on data binarized
-        with other dictionaries would load its embeddings against the wrong symbols: silently when the
-        sizes agree, else with fairseq's "please ensure that the architectures match". Compare first, with
-        the fingerprints this task saves, or the embedding sizes where a checkpoint has none."""
-        path = self._resume_path()
-        if not os.path.isfile(path):
-            path = self.cfg.finetune_from_model
-        if not path or not os.path.isfile(path):
-            return
-        state = read_checkpoint_lazily(path)
-        saved = (state.get("task_state") or {}).get(DICTIONARIES, {})
-        weights = state.get("model", {})
-        for side, name, key in (("source", "src", "encoder.embed_tokens.weight"),
-                                ("target", "tgt", "decoder.embed_tokens.weight")):
-            here = self._dictionaries[name]
-            there = saved.get(name) or ({"size": weights[key].shape[0]} if key in weights else None)
-            if there is None or all(there[k] == here[k] for k in there):
-                continue
-            what = (f"a {side} dictionary of {there['size']} symbols, but {self.cfg.data} has {here['size']}"
-                    if there["size"] != here["size"] else
-                    f"another {side} dictionary than {self.cfg.data} (the same size, other symbols or order)")
-            raise ImitKDError(
-                f"{path} was trained with {what}: binarize the data with the dictionaries that model was trained "
-                "with (fairseq-preprocess --srcdict/--tgtdict; fairseq checkpoints hold none)")
+        """Refuse a start checkpoint trained with other dictionaries (repairs/start_checkpoint.py)."""
+        start_checkpoint.check_start_checkpoint(self.cfg, self._dictionaries)
 
     def teacher(self, device: torch.device) -> TeacherBase:
         """The frozen teacher on ``device``, loaded on first use."""
@@ -189,11 +162,10 @@ class DistillationTask(TranslationTask):
         return self._teacher
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
-        """fairseq's, with its traceback for a split that is missing or whose two sides differ in length (a
-        seq-KD corpus written by hand or cut short) turned into one error naming the split; the criterion
+        """fairseq's, with a missing or uneven split named in one line (repairs/split_errors.py); the criterion
         then checks what it holds for this split (a teacher cache), before any training step."""
-        with explained_split_errors(self, split, "binarize it with fairseq-preprocess, or name the splits to use "
-                                    "with --train-subset/--valid-subset"):
+        hint = "binarize it with fairseq-preprocess, or name the splits to use with --train-subset/--valid-subset"
+        with split_errors.explained_split_errors(self, split, hint):
             super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         self._check_split_for_criterion(split)
 
@@ -203,21 +175,8 @@ class DistillationTask(TranslationTask):
             check(split, self.datasets[split])
 
     def get_batch_iterator(self, dataset, **kwargs):
-        """fairseq builds a run's training batches once, seeded by the epoch its iterator is created in:
-        epoch 1 in an uninterrupted run, the epoch it resumes in after a restart. A run resumed after its
-        first epoch then trained on other batches than the run it continues, and its mid-epoch offset
-        skipped some sentences and repeated others. Here the batches are always the ones an uninterrupted
-        run builds (seeded as at epoch 1), and the iterator starts at the requested epoch, whose batch
-        order fairseq shuffles as usual. Sharded data and ``--rebuild-batches`` build per epoch anyway."""
-        epoch = kwargs.get("epoch", 1)
-        if (epoch == 1 or getattr(self.cfg, "rebuild_batches", False) or self.has_sharded_data("train")
-                or not self.can_reuse_epoch_itr(dataset) or dataset in self.dataset_to_epoch_iter
-                or kwargs.get("update_epoch_batch_itr") or kwargs.get("disable_iterator_cache")):
-            return super().get_batch_iterator(dataset, **kwargs)
-        epoch_itr = super().get_batch_iterator(dataset, **dict(kwargs, epoch=1))
-        epoch_itr.epoch = epoch
-        dataset.set_epoch(epoch)
-        return epoch_itr
+        """fairseq's, with a resumed run's batches those of the run it continues (repairs/resume_batches.py)."""
+        return resume_batches.get_batch_iterator(self, super().get_batch_iterator, dataset, **kwargs)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         # fairseq hands update_num to the task only; schedules (ImitKD's β) read it from the criterion.

@@ -1,29 +1,31 @@
-"""Multi-process training with fairseq's own DDP, and a guard on how ``fairseq-train`` is launched.
+"""CPU multi-process training through ``torchrun`` works, and every CPU launch that cannot work is refused.
 
 Distillation runs are where users outgrow one machine first, and fairseq's distributed training is
 what they use. On GPUs it needs nothing from this package. On CPU (and on any machine without CUDA)
-fairseq's launcher gets every route but one wrong, without saying so:
+fairseq's launcher (``fairseq/distributed/utils.py``, ve-fairseq 0.12.3) gets every route but one wrong,
+without saying so:
 
-- ``--distributed-world-size N`` alone asserts "world size is N but have 0 available devices";
-- with ``--distributed-init-method`` it spawns one process per GPU, i.e. none, and exits 0 having
-  trained nothing;
-- under ``torchrun`` it divides the rank by the GPU count (``ZeroDivisionError``);
-- ``--ddp-backend pytorch_ddp`` (the default) passes ``device_ids``, which CPU DDP rejects, and the
+- ``--distributed-world-size N`` alone: ``infer_init_method`` asserts "world size is N but have 0
+  available devices";
+- with ``--distributed-init-method``: ``call_main`` spawns ``min(torch.cuda.device_count(), N)``
+  processes, i.e. none, and exits 0 having trained nothing;
+- under ``torchrun``: ``_infer_torch_distributed_launch_init`` takes the rank modulo the GPU count
+  (``ZeroDivisionError``);
+- ``--ddp-backend pytorch_ddp`` (the default): ``DistributedFairseqModel``
+  (``fairseq/models/distributed_fairseq_model.py``) passes ``device_ids``, which CPU DDP rejects, and the
   default ``--distributed-backend nccl`` needs GPUs.
 
 The route that works is one process per rank started by ``torchrun``, with gloo and fairseq's
-``legacy_ddp``. Under torchrun on CPU, this module takes the rank and world size from torchrun's
-environment, as fairseq does on GPUs, so that one command line serves every rank; every other CPU
-route is refused before anything starts, with a message that names the working one.
+``legacy_ddp``. Under torchrun on CPU, :func:`check_launch` takes the rank and world size from torchrun's
+environment, as fairseq does on GPUs, so that one command line serves every rank; every other CPU route is
+refused before anything starts (:class:`LaunchError`), with a message that names the working one. It runs
+in fairseq-train's ``call_main`` (:mod:`~fairseq_imitkd.repairs.call_main`): fairseq calls no plugin code
+before it launches its workers, so nothing else could stop a launch that trains nothing.
 
-``fairseq-train`` reaches this through :func:`guarded_call_main`, which replaces
-``fairseq.distributed.utils.call_main`` when the plugin is imported (:func:`install`). That is the
-only thing importing the plugin changes beyond registration: fairseq calls no plugin code before it
-launches its workers, so nothing else could stop a launch that trains nothing. The same wrapper prints
-this package's own bad-input errors (:class:`~fairseq_imitkd.errors.ImitKDError`) as one line, and
-ends fairseq's prefetch threads when training returns (:mod:`~fairseq_imitkd.prefetch`).
+Proved by ``tests/test_distributed.py::test_cpu_launches_that_cannot_work_are_refused``,
+``::test_torchrun_on_cpu_takes_rank_and_world_size_from_its_environment``,
+``::test_fairseq_train_refuses_a_cpu_launch_in_one_line`` and ``::test_two_ranks_train_one_model``.
 """
-import functools
 import logging
 import os
 from typing import Mapping, Optional
@@ -31,9 +33,7 @@ from typing import Mapping, Optional
 import torch
 from omegaconf import open_dict
 
-from .errors import ImitKDError
-from .prefetch import stop_prefetch_threads
-from .repairs import apply_to_config as repair_config
+from ..errors import ImitKDError
 
 logger = logging.getLogger(__name__)
 
@@ -101,39 +101,3 @@ def check_launch(cfg, env: Mapping[str, str] = None, cuda_devices: int = None) -
 
 class LaunchError(ImitKDError):
     """A distributed launch that cannot work; the message names the route that does."""
-
-
-def guarded_call_main(cfg, main, **kwargs):
-    """fairseq's ``call_main``, after the config repairs (:mod:`~fairseq_imitkd.repairs`) and
-    :func:`check_launch`; this package's errors end the run in one line,
-    and no prefetch thread is left to abort a training process at exit (:mod:`~fairseq_imitkd.prefetch`)."""
-    try:
-        repair_config(cfg)
-        check_launch(cfg)
-        # main runs in this process, or in each process fairseq spawns (one per GPU): a picklable wrapper
-        return _fairseq_call_main(cfg, functools.partial(main_then_stop_prefetch, main), **kwargs)
-    except ImitKDError as e:
-        raise SystemExit(f"{type(e).__name__}: {e}") from None
-
-
-def main_then_stop_prefetch(main, *args, **kwargs):
-    """``main(*args, **kwargs)``, then :func:`~fairseq_imitkd.prefetch.stop_prefetch_threads`."""
-    try:
-        return main(*args, **kwargs)
-    finally:
-        stop_prefetch_threads()
-
-
-_fairseq_call_main = None
-
-
-def install() -> None:
-    """Route ``fairseq.distributed.utils.call_main`` through :func:`guarded_call_main` (once)."""
-    global _fairseq_call_main
-    from fairseq.distributed import utils as distributed_utils
-
-    if getattr(distributed_utils.call_main, "__wrapped_by_imitkd__", False):
-        return
-    _fairseq_call_main = distributed_utils.call_main
-    guarded_call_main.__wrapped_by_imitkd__ = True
-    distributed_utils.call_main = guarded_call_main

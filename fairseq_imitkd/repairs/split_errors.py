@@ -1,17 +1,22 @@
 """A binarized split that fairseq cannot load, named in one line instead of its traceback.
 
-fairseq's translation task raises a bare ``FileNotFoundError("Dataset not found: valid (DIR)")`` for a
-split that is not there, and asserts "Source and target must contain the same number of examples" for
-one whose two sides differ in length (a seq-KD corpus written by hand or cut short). The ``distillation``
-task and the teacher's offline tools (``imitkd-seqkd``, ``imitkd-teacher-cache``) load splits through
-:func:`explained_split_errors`, which turns both into an :class:`~fairseq_imitkd.errors.ImitKDError`.
+fairseq's ``load_langpair_dataset`` (``fairseq/tasks/translation.py``, ve-fairseq 0.12.3) raises a bare
+``FileNotFoundError("Dataset not found: valid (DIR)")`` for a split that is not there, and
+``LanguagePairDataset.__init__`` (``fairseq/data/language_pair_dataset.py``) asserts "Source and target
+must contain the same number of examples" for one whose two sides differ in length (a seq-KD corpus written
+by hand or cut short). The ``distillation`` task and the teacher's offline tools (``imitkd-seqkd``,
+``imitkd-teacher-cache``) load splits through :func:`explained_split_errors`, which turns both into an
+:class:`~fairseq_imitkd.errors.ImitKDError`.
+
+Proved by ``tests/test_teacher_checks.py::test_a_data_dir_without_the_split_is_one_line`` and
+``::test_a_split_whose_sides_differ_in_length_is_named``.
 """
 import contextlib
 import glob
 import os
 from typing import List
 
-from .errors import ImitKDError
+from ..errors import ImitKDError
 
 
 def binarized_splits(data: str, src: str, tgt: str) -> List[str]:

@@ -1,12 +1,18 @@
 """fairseq's batch-prefetch threads, ended before the interpreter exits.
 
-fairseq's ``BufferedIterator`` fills a queue of batches from a daemon thread (``BackgroundConsumer``).
-When training stops mid-epoch (``--max-update``), that thread goes on collating the rest of the epoch.
-If it is still inside torch (collating a batch) when Python finalizes, CPython ends it from within a
-C++ frame that must not unwind, and the process aborts with "terminate called without an active
-exception" (exit 134) after training has finished and saved: a ``set -e`` recipe then stops. Asking
-each thread to stop after the batch in hand, and emptying its queue so that it is not left waiting on
-a full one, lets it return normally first. The batches dropped were never going to be used.
+fairseq's ``BufferedIterator`` (``fairseq/data/iterators.py``, ve-fairseq 0.12.3) fills a queue of batches
+from a daemon thread (``BackgroundConsumer``) that nothing ever stops. When training stops mid-epoch
+(``--max-update``), that thread goes on collating the rest of the epoch. If it is still inside torch
+(collating a batch) when Python finalizes, CPython ends it from within a C++ frame that must not unwind,
+and the process aborts with "terminate called without an active exception" (exit 134) after training has
+finished and saved: a ``set -e`` recipe then stops. Asking each thread to stop after the batch in hand,
+and emptying its queue so that it is not left waiting on a full one, lets it return normally first. The
+batches dropped were never going to be used. fairseq-train calls :func:`stop_prefetch_threads` when its
+``main`` returns, through :func:`fairseq_imitkd.repairs.call_main.main_then_stop_prefetch`.
+
+Proved by ``tests/test_prefetch.py::test_training_that_stopped_mid_epoch_leaves_no_prefetch_thread``,
+``::test_a_finished_epoch_is_left_as_it_was`` and
+``::test_each_process_fairseq_spawns_ends_its_prefetch_threads``.
 """
 import logging
 import queue

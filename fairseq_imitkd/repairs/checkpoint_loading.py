@@ -1,9 +1,18 @@
-"""Let torch >= 2.6 load fairseq checkpoints with ``weights_only=True`` still on.
+"""fairseq checkpoints load with torch >= 2.6's ``weights_only=True`` still on, and are read lazily.
 
-The fairseq builds we support call ``torch.load`` without ``weights_only``, so torch's safe unpickler
-rejects the ``argparse.Namespace`` that fairseq stores under ``state["args"]`` (and that older
-checkpoints use for their whole config), and the numpy arrays of ``--eval-bleu``'s meters. Allow-listing exactly the globals fairseq writes keeps the
-protection against arbitrary code in a checkpoint, which ``weights_only=False`` would throw away.
+fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` (``checkpoint_utils.py``, ve-fairseq 0.12.3) calls
+``torch.load(f, map_location=...)`` without ``weights_only``, so torch's safe unpickler rejects the
+``argparse.Namespace`` that fairseq stores under ``state["args"]`` (and that older checkpoints use for their
+whole config), and the numpy arrays of ``--eval-bleu``'s meters. Allow-listing exactly the globals fairseq
+writes keeps the protection against arbitrary code in a checkpoint, which ``weights_only=False`` would throw
+away. The allow-list is added when this module is imported, which ``fairseq_imitkd/__init__.py`` does first.
+The plugin's own reads of a checkpoint (a teacher's config, a start checkpoint's dictionaries, the task
+state on resume) memory-map its tensors instead of reading them (:func:`read_checkpoint_lazily`), and name a
+missing, unreadable or unsafe file in one line (:func:`read_fairseq_checkpoint`).
+
+Proved by ``tests/test_loading.py::test_torch_load_needs_the_allow_list``,
+``::test_torch_load_with_the_plugin`` and ``::test_checkpoints_hold_only_allow_listed_globals``, and for
+unreadable files by ``tests/test_teacher_checks.py::test_a_teacher_file_that_is_no_readable_checkpoint_is_named``.
 """
 import argparse
 import re
@@ -12,7 +21,8 @@ from typing import Type
 import numpy as np
 import torch
 
-from .errors import ImitKDError
+from ..errors import ImitKDError
+
 
 def _numpy_globals():
     """What pickling numpy arrays and scalars writes: the reconstructors, ``ndarray``, and the dtypes.
