@@ -319,3 +319,13 @@ def test_imitkd_full_from_the_cache_is_the_online_top_k_loss(toy_data, teacher, 
 def test_imitkd_refuses_a_cache_it_would_not_read(toy_data, teacher, cache, extra, match):
     with pytest.raises(ValueError, match=match):
         _imitkd(toy_data, "--teacher-path", teacher, "--kd-teacher-cache", cache, "--imitkd-beta", "0.5", *extra)
+
+
+def test_a_teacher_path_beside_a_cache_of_every_split_is_not_called_unused(toy_data, teacher, cache, caplog):
+    """The cache is checked against the teacher it names: that teacher is used, not ignored."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fairseq_imitkd"):
+        _, _, criterion = _criterion(toy_data, "--kd-teacher-cache", cache, "--teacher-path", teacher)
+    assert not criterion.needs_teacher
+    assert "unused" not in caplog.text

@@ -91,7 +91,7 @@ class DistillationTask(TranslationTask):
             self.check_teacher_files()
         elif self.cfg.teacher_path:
             check_teacher_paths(self.cfg.teacher_path)  # a file that does not exist never passes silently
-            if getattr(criterion, "cache", None) is None:  # else it names the teacher the cache is checked against
+            if getattr(criterion, "cached_teacher", None) is None:  # else it names the teacher a cache is checked against
                 logger.warning("--teacher-path %s is unused: criterion %s uses no teacher", self.cfg.teacher_path,
                                getattr(cfg, "_name", type(criterion).__name__))
         self._criterion = criterion
