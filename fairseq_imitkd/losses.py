@@ -264,8 +264,9 @@ def student_buckets(student_lprobs: Tensor, index: Tensor) -> Tensor:
     the exact one (tests/test_losses.py), the precision of the float16 values a teacher cache stores.
     Only for a normalised student (log_softmax), which is what every criterion hands here.
     """
+    student_lprobs = _full(student_lprobs)
     top = student_lprobs.gather(-1, index)
-    rest = -torch.expm1(torch.logsumexp(top.double(), -1, keepdim=True))  # 1 - Σ_k p_k, in float64
+    rest = 1.0 - top.double().exp().sum(-1, keepdim=True)  # 1 - Σ_k p_k, in float64 (no NaN from -inf entries)
     tail = rest.clamp_min(_UNDERFLOW).log().to(top.dtype)
     small = rest.squeeze(-1) < _COMPLEMENT_FLOOR
     if small.any():

@@ -84,7 +84,8 @@ class BetaSchedule:
     def __init__(self, curve: str = "exponential", horizon: Optional[int] = None, base: float = 200.0,
                  constant: float = 0.0, warmup: int = 0, clock: Optional["AgreementClock"] = None):
         if curve not in SCHEDULES:
-            raise OptionError(f"unknown beta schedule {curve!r}; valid schedules: {', '.join(SCHEDULES)}")
+            raise OptionError(f"--imitkd-beta-schedule: unknown beta schedule {curve!r}; valid schedules: "
+                              f"{', '.join(SCHEDULES)}")
         if warmup < 0:
             raise OptionError(f"--imitkd-beta-warmup-updates must be >= 0, got {warmup}")
         if not 0.0 <= constant <= 1.0:  # checked whatever the curve: a value given out of range is a mistake
@@ -186,7 +187,8 @@ def shape(schedule: str, progress: float, base: float = 200.0, constant: float =
         start, end = curve(0.0), curve(1.0)
         value = (curve(frac) - end) / (start - end)
     else:
-        raise OptionError(f"unknown beta schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+        raise OptionError(f"--imitkd-beta-schedule: unknown beta schedule {schedule!r}; valid schedules: "
+                          f"{', '.join(SCHEDULES)}")
     return min(1.0, max(0.0, float(value)))
 
 

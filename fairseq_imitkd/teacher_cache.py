@@ -359,7 +359,8 @@ class CachedTeacher(TeacherBase):
     (rolled-out prefixes, a split it lacks) from the live teacher, loaded only if ever asked.
 
     Every answer comes as top-k buckets (``TeacherScores.index``): the live rows are cut to the cache's K
-    as the cache was, so one batch's rows are compared alike wherever they came from.
+    as the cache was cut, so every row of a batch is compared on K+1 buckets (the cached ones hold the
+    float16-rounded values of the files, the live ones float32).
     """
 
     def __init__(self, cache: TeacherCache, dataset: Callable[[str], object],

@@ -374,3 +374,24 @@ def test_topk_targets_have_finite_gradients_at_extreme_and_masked_logits(k):
         loss = kd_divergence(name, s, t, teacher_topk=k)
         (grad,) = torch.autograd.grad(loss, s_logits, retain_graph=True)
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), name
+
+
+def test_student_buckets_of_rows_the_student_rules_out_and_of_half_precision():
+    """-inf log-probs at the k tokens (a masked row) give the whole mass to the tail and no NaN gradient; a
+    float16 student is bucketed in float32, as precisely as a float32 one."""
+    from fairseq_imitkd.losses import student_buckets, tail_mass
+
+    lprobs = torch.randn(4, 9, generator=torch.Generator().manual_seed(58)).log_softmax(-1)
+    lprobs[0, :3] = -math.inf
+    lprobs[0] = lprobs[0].log_softmax(-1)
+    lprobs.requires_grad_(True)
+    index = torch.tensor([[0, 1, 2]] * 4)
+    out = student_buckets(lprobs, index)
+    assert out[0, -1].item() == pytest.approx(0.0, abs=1e-6) and torch.isneginf(out[0, :3]).all()
+    out[:, -1].sum().backward()
+    assert torch.isfinite(lprobs.grad).all()
+    half = student_buckets(lprobs.detach().half(), index)
+    assert half.dtype == torch.float32
+    # float16 log-probs are no longer normalised to its precision: within the cache's few 1e-3 in log
+    torch.testing.assert_close(half[1:, -1], tail_mass(lprobs.detach().half().float()[1:], index[1:]).squeeze(-1),
+                               rtol=0, atol=2e-3)
