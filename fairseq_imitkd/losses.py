@@ -16,6 +16,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from torch import Tensor
 
 from .errors import OptionError
+from .flags import check_range
 
 
 def _full(x: Tensor) -> Tensor:
@@ -141,12 +142,9 @@ def check_divergence(name: str, jsd_beta: float = 0.5, atkd_alpha: float = 0.2, 
     what the functions below run on their arguments."""
     if name not in DIVERGENCES:
         raise OptionError(f"unknown --kd-divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
-    if not 0.0 <= jsd_beta <= 1.0:
-        raise OptionError(f"--kd-jsd-beta must be in [0, 1], got {jsd_beta}")
-    if not 0.0 <= atkd_alpha <= 1.0:
-        raise OptionError(f"--kd-atkd-alpha must be in [0, 1], got {atkd_alpha}")
-    if teacher_topk < 0:
-        raise OptionError(f"--kd-teacher-topk must be >= 0 (0: the whole distribution), got {teacher_topk}")
+    check_range("kd-jsd-beta", jsd_beta, 0, 1)
+    check_range("kd-atkd-alpha", atkd_alpha, 0, 1)
+    check_range("kd-teacher-topk", teacher_topk, 0, math.inf, high_open=True)
     if teacher_topk and name == "atkd":
         raise OptionError("--kd-teacher-topk does not apply to --kd-divergence atkd, which needs the probability "
                           "of every next token")

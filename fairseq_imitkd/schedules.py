@@ -20,56 +20,45 @@ additions make β transfer across budgets:
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
 from .errors import OptionError
+from .flags import check_range, flag
 
 SCHEDULES = ("exponential", "linear", "reverse_sigmoid", "constant")
 CLOCKS = ("updates", "agreement")
+SCHEDULE_CHOICES = ChoiceEnum(list(SCHEDULES))
+CLOCK_CHOICES = ChoiceEnum(list(CLOCKS))
 
 
 @dataclass
 class BetaScheduleConfig(FairseqDataclass):
     """The flags of ImitKD's β, read by :meth:`BetaSchedule.from_config`."""
 
-    imitkd_beta_schedule: ChoiceEnum(list(SCHEDULES)) = field(
-        default="exponential", metadata={"help": "β schedule over updates: exponential base^(-t/N), linear, "
-                                         "reverse_sigmoid, or constant (--imitkd-beta)"}
-    )
-    imitkd_beta_base: float = field(
-        default=200.0, metadata={"help": "base of the exponential (and steepness of reverse_sigmoid) schedule; "
-                                 "paper: 200 IWSLT, 10 CNN/DM, 2 for ImitKD* on WMT"}
-    )
-    imitkd_beta: float = field(default=0.0, metadata={"help": "β of the constant schedule, in [0, 1]"})
-    imitkd_beta_updates: int = field(
-        default=0, metadata={"help": "horizon N of the β schedule in updates; 0 means --max-update"}
-    )
-    imitkd_beta_warmup_updates: int = field(
-        default=0, metadata={"help": "β = 1 (data prefixes only) for the first H updates; the schedule then runs "
-                             "over the rest of the horizon (updates clock) or starts from the student's "
-                             "competence (agreement clock)"}
-    )
-    imitkd_beta_clock: ChoiceEnum(list(CLOCKS)) = field(
-        default="updates", metadata={"help": "what drives the schedule: updates (t/N, the paper) or agreement "
-                                     "(the student's running argmax agreement with the teacher, between "
-                                     "--imitkd-agree-low and --imitkd-agree-high; needs no horizon)"}
-    )
-    imitkd_agree_low: float = field(
-        default=0.45, metadata={"help": "agreement clock: at or below this running agreement the schedule is at its "
-                               "start (β = 1)"}
-    )
-    imitkd_agree_high: float = field(
-        default=0.6, metadata={"help": "agreement clock: at or above this running agreement the schedule is at its "
-                               "end"}
-    )
-    imitkd_agree_momentum: float = field(
-        default=0.95, metadata={"help": "agreement clock: momentum of the moving average of per-update agreement, "
-                                "in [0, 1)"}
-    )
+    imitkd_beta_schedule: SCHEDULE_CHOICES = flag("exponential", "β schedule over updates: exponential base^(-t/N), "
+                                                                 "linear, reverse_sigmoid, or constant "
+                                                                 "(--imitkd-beta)")
+    imitkd_beta_base: float = flag(200.0, "base of the exponential (and steepness of reverse_sigmoid) schedule; "
+                                          "paper: 200 IWSLT, 10 CNN/DM, 2 for ImitKD* on WMT")
+    imitkd_beta: float = flag(0.0, "β of the constant schedule, in [0, 1]")
+    imitkd_beta_updates: int = flag(0, "horizon N of the β schedule in updates; 0 means --max-update")
+    imitkd_beta_warmup_updates: int = flag(0, "β = 1 (data prefixes only) for the first H updates; the schedule then "
+                                              "runs over the rest of the horizon (updates clock) or starts from the "
+                                              "student's competence (agreement clock)")
+    imitkd_beta_clock: CLOCK_CHOICES = flag("updates", "what drives the schedule: updates (t/N, the paper) or "
+                                                       "agreement (the student's running argmax agreement with the "
+                                                       "teacher, between --imitkd-agree-low and --imitkd-agree-high; "
+                                                       "needs no horizon)")
+    imitkd_agree_low: float = flag(0.45, "agreement clock: at or below this running agreement the schedule is at its "
+                                         "start (β = 1)")
+    imitkd_agree_high: float = flag(0.6, "agreement clock: at or above this running agreement the schedule is at its "
+                                         "end")
+    imitkd_agree_momentum: float = flag(0.95, "agreement clock: momentum of the moving average of per-update "
+                                              "agreement, in [0, 1)")
     max_update: int = II("optimization.max_update")
 
 
@@ -88,8 +77,7 @@ class BetaSchedule:
                               f"{', '.join(SCHEDULES)}")
         if warmup < 0:
             raise OptionError(f"--imitkd-beta-warmup-updates must be >= 0, got {warmup}")
-        if not 0.0 <= constant <= 1.0:  # checked whatever the curve: a value given out of range is a mistake
-            raise OptionError(f"--imitkd-beta (the constant β) must be in [0, 1], got {constant}")
+        check_range("imitkd-beta", constant, 0, 1)  # whatever the curve: a value given out of range is a mistake
         if curve in ("exponential", "reverse_sigmoid") and not base > 1.0:
             raise OptionError(f"the {curve!r} beta schedule needs base > 1 (--imitkd-beta-base), got {base}")
         if curve != "constant" and clock is None:  # the updates clock: progress is (t - H) / (N - H)

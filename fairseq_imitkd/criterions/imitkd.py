@@ -7,7 +7,7 @@ on its own prefixes is what removes the exposure bias of teacher forcing. ImitKD
 run over a sequence-level KD corpus (the teacher's beam outputs as the "data").
 """
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,7 +23,8 @@ from ..rollout import Rollout, rollout
 from ..schedules import BetaSchedule, BetaScheduleConfig
 from ..scoring import length_groups, scored_log_probs
 from ..teacher import TeacherScores
-from .kd_criterion import KDCriterion, KDDivergenceConfig, check_range, summed
+from ..flags import check_range, flag
+from .kd_criterion import KDCriterion, KDDivergenceConfig, summed
 
 #: what ``--imitkd-mix`` chooses between: whole rows (the paper) or single steps (DAgger-style)
 MIXES = ("sequence", "token")
@@ -36,39 +37,26 @@ ENGINES = ChoiceEnum(list(rollouts.ENGINES))
 
 @dataclass
 class ImitKDConfig(BetaScheduleConfig, KDDivergenceConfig):
-    imitkd_target: TARGETS = field(
-        default="argmax",
-        metadata={"help": "argmax: the teacher's argmax on student prefixes, gold on data prefixes (ImitKD); "
-                  "full: the teacher's whole distribution on every prefix (ImitKD+Full)"},
-    )
-    imitkd_mix: MIX_CHOICES = field(
-        default="sequence",
-        metadata={"help": "sequence: each row keeps its data prefix with probability β, else the student's "
-                  "rollout (the paper); token: at each step the teacher picks the token with probability β "
-                  "(DAgger-style), and its per-step distributions serve as targets"},
-    )
-    label_smoothing: float = field(
-        default=0.0, metadata={"help": "label smoothing ε of the one-hot targets (gold and teacher argmax, "
-                               "--imitkd-target argmax); the teacher's full distribution is never smoothed"}
-    )
-    imitkd_sampling: SAMPLINGS = field(
-        default="topk", metadata={"help": "how the student rolls out: greedy, or top-k sampling (paper's base "
-                                  "IWSLT config: top-5 at temperature 1; greedy in its _full configs)"}
-    )
-    imitkd_topk: int = field(default=5, metadata={"help": "k of top-k sampling (0: the full distribution)"})
-    imitkd_temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollout, > 0"})
-    imitkd_teacher_sample: bool = field(
-        default=False, metadata={"help": "token mixing: the teacher's action is a sample, not its argmax"}
-    )
-    imitkd_max_len_a: float = field(
-        default=1.2, metadata={"help": "rollouts have at most a·src_len + b tokens (the paper used a=0, b=125)"}
-    )
-    imitkd_max_len_b: int = field(default=10, metadata={"help": "see --imitkd-max-len-a"})
-    imitkd_rollout_engine: ENGINES = field(
-        default="auto", metadata={"help": "exact: fairseq's incremental decoding, finished rows dropped; static: "
-                                  "fixed shapes, a preallocated K/V cache and CUDA graphs (transformer models; "
-                                  "others fall back to exact); auto: static on CUDA, exact on CPU"}
-    )
+    imitkd_target: TARGETS = flag("argmax", "argmax: the teacher's argmax on student prefixes, gold on data prefixes "
+                                            "(ImitKD); full: the teacher's whole distribution on every prefix "
+                                            "(ImitKD+Full)")
+    imitkd_mix: MIX_CHOICES = flag("sequence", "sequence: each row keeps its data prefix with probability β, else "
+                                               "the student's rollout (the paper); token: at each step the teacher "
+                                               "picks the token with probability β (DAgger-style), and its per-step "
+                                               "distributions serve as targets")
+    label_smoothing: float = flag(0.0, "label smoothing ε of the one-hot targets (gold and teacher argmax, "
+                                       "--imitkd-target argmax); the teacher's full distribution is never smoothed")
+    imitkd_sampling: SAMPLINGS = flag("topk", "how the student rolls out: greedy, or top-k sampling (paper's base "
+                                              "IWSLT config: top-5 at temperature 1; greedy in its _full configs)")
+    imitkd_topk: int = flag(5, "k of top-k sampling (0: the full distribution)")
+    imitkd_temperature: float = flag(1.0, "sampling temperature of the rollout, > 0")
+    imitkd_teacher_sample: bool = flag(False, "token mixing: the teacher's action is a sample, not its argmax")
+    imitkd_max_len_a: float = flag(1.2, "rollouts have at most a·src_len + b tokens (the paper used a=0, b=125)")
+    imitkd_max_len_b: int = flag(10, "see --imitkd-max-len-a")
+    imitkd_rollout_engine: ENGINES = flag("auto", "exact: fairseq's incremental decoding, finished rows dropped; "
+                                                  "static: fixed shapes, a preallocated K/V cache and CUDA graphs "
+                                                  "(transformer models; others fall back to exact); auto: static on "
+                                                  "CUDA, exact on CPU")
     sentence_avg: bool = II("optimization.sentence_avg")
 
 

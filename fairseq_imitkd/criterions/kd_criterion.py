@@ -2,7 +2,7 @@
 import functools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -14,10 +14,14 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from ..errors import OptionError
+from ..flags import flag
 from ..losses import DIVERGENCES, check_divergence
 from ..tasks.distillation import DistillationTask
 from ..teacher import RowKeys, TeacherBase
 from ..teacher_cache import CachedTeacher, TeacherCache
+
+
+DIVERGENCE_CHOICES = ChoiceEnum(list(DIVERGENCES))
 
 
 @dataclass
@@ -25,39 +29,22 @@ class KDDivergenceConfig(FairseqDataclass):
     """The divergence of the teacher's and the student's distributions, for every criterion that uses the
     teacher's whole distribution (word_kd's KD term, imitkd --imitkd-target full)."""
 
-    kd_divergence: ChoiceEnum(list(DIVERGENCES)) = field(
-        default="forward_kl",
-        metadata={"help": "forward_kl (the soft cross-entropy, as always), reverse_kl, jsd (generalized, "
-                  "--kd-jsd-beta), tvd, or atkd (adaptive teaching: easy and hard tokens apart, --kd-atkd-alpha)"},
-    )
-    kd_jsd_beta: float = field(
-        default=0.5, metadata={"help": "jsd: weight β of the teacher in the mixture, in [0, 1] (0: forward KL, "
-                               "1: reverse KL)"}
-    )
-    kd_atkd_alpha: float = field(
-        default=0.2, metadata={"help": "atkd: weight α of the easy tokens' NCKD against the hard tokens' TCKD + "
-                               "NCKD, in [0, 1]"}
-    )
-    kd_teacher_topk: int = field(
-        default=0, metadata={"help": "compare the distributions on the teacher's K most likely tokens and one "
-                             "tail bucket with the rest of the mass (0: the whole vocabulary); not with atkd"}
-    )
-    kd_teacher_cache: Optional[str] = field(
-        default=None, metadata={"help": "a directory written by imitkd-teacher-cache: the teacher's top-k "
-                                "log-probs of the train (and valid) split, read instead of a teacher pass on gold "
-                                "prefixes; implies --kd-teacher-topk K of the cache"}
-    )
+    kd_divergence: DIVERGENCE_CHOICES = flag("forward_kl", "forward_kl (the soft cross-entropy, as always), "
+                                                           "reverse_kl, jsd (generalized, --kd-jsd-beta), tvd, or "
+                                                           "atkd (adaptive teaching: easy and hard tokens apart, "
+                                                           "--kd-atkd-alpha)")
+    kd_jsd_beta: float = flag(0.5, "jsd: weight β of the teacher in the mixture, in [0, 1] (0: forward KL, 1: "
+                                   "reverse KL)")
+    kd_atkd_alpha: float = flag(0.2, "atkd: weight α of the easy tokens' NCKD against the hard tokens' TCKD + NCKD, "
+                                     "in [0, 1]")
+    kd_teacher_topk: int = flag(0, "compare the distributions on the teacher's K most likely tokens and one tail "
+                                   "bucket with the rest of the mass (0: the whole vocabulary); not with atkd")
+    kd_teacher_cache: Optional[str] = flag(None, "a directory written by imitkd-teacher-cache: the teacher's top-k "
+                                                 "log-probs of the train (and valid) split, read instead of a "
+                                                 "teacher pass on gold prefixes; implies --kd-teacher-topk K of the "
+                                                 "cache")
     train_subset: str = II("dataset.train_subset")
     valid_subset: str = II("dataset.valid_subset")
-
-
-def check_range(name: str, value: float, low: float, high: float, low_open=False, high_open=False) -> None:
-    """Raise an OptionError naming the flag when ``value`` is outside its range."""
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if below or above:
-        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-        raise OptionError(f"--{name} must be in {lo}{low}, {high}{hi}, got {value}")
 
 
 def summed(logging_outputs, key):

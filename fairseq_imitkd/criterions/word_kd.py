@@ -1,5 +1,5 @@
 """Word-level knowledge distillation (Hinton et al. 2015; Kim & Rush 2016) on gold prefixes."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fairseq.criterions import register_criterion
 from omegaconf import II
@@ -7,20 +7,16 @@ from omegaconf import II
 from ..errors import OptionError
 from ..losses import word_kd_loss
 from ..scoring import scored_log_probs
-from .kd_criterion import KDCriterion, KDDivergenceConfig, check_range
+from ..flags import check_range, flag
+from .kd_criterion import KDCriterion, KDDivergenceConfig
 
 
 @dataclass
 class WordKDConfig(KDDivergenceConfig):
-    kd_alpha: float = field(
-        default=0.5, metadata={"help": "weight α of the KD term: (1-α)·NLL(gold) + α·KD, in [0, 1]"}
-    )
-    kd_temperature: float = field(
-        default=1.0, metadata={"help": "softmax temperature T > 0 of teacher and student in the KD term (scaled by T²)"}
-    )
-    label_smoothing: float = field(
-        default=0.0, metadata={"help": "label smoothing ε of the gold NLL term, in [0, 1)"}
-    )
+    kd_alpha: float = flag(0.5, "weight α of the KD term: (1-α)·NLL(gold) + α·KD, in [0, 1]")
+    kd_temperature: float = flag(1.0, "softmax temperature T > 0 of teacher and student in the KD term (scaled by "
+                                      "T²)")
+    label_smoothing: float = flag(0.0, "label smoothing ε of the gold NLL term, in [0, 1)")
     sentence_avg: bool = II("optimization.sentence_avg")
 
 

@@ -6,7 +6,7 @@ resume, the start checkpoint's dictionaries, a split's load errors) lives in :mo
 one file per repair; the methods here only call into it.
 """
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,6 +15,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
 from ..errors import OptionError
+from ..flags import flag
 from ..repairs import resume_batches, split_errors, start_checkpoint, task_state_on_resume
 from ..repairs.start_checkpoint import DICTIONARIES
 from ..teacher import (TeacherBase, check_teacher_files, check_teacher_paths, dictionary_fingerprint,
@@ -25,22 +26,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DistillationConfig(TranslationConfig):
-    teacher_path: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "teacher checkpoint(s) written by fairseq; several separated by ':' form an ensemble "
-            "averaged in probability space. Needed only by KD criterions, and loaded the first time one needs it"
-        },
-    )
-    teacher_data: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "directory holding the teacher's own dict.{src,tgt}.txt (checkpoints hold no dictionaries). "
-            "Default: the data directory recorded in the teacher checkpoint, else the checkpoint's folder"
-        },
-    )
-    teacher_fp16: bool = field(default=False, metadata={"help": "hold the teacher in float16"})
-    teacher_bf16: bool = field(default=False, metadata={"help": "hold the teacher in bfloat16"})
+    teacher_path: Optional[str] = flag(None, "teacher checkpoint(s) written by fairseq; several separated by ':' form "
+                                             "an ensemble averaged in probability space. Needed only by KD criterions, "
+                                             "and loaded the first time one needs it")
+    teacher_data: Optional[str] = flag(None, "directory holding the teacher's own dict.{src,tgt}.txt (checkpoints hold "
+                                             "no dictionaries). Default: the data directory recorded in the teacher "
+                                             "checkpoint, else the checkpoint's folder")
+    teacher_fp16: bool = flag(False, "hold the teacher in float16")
+    teacher_bf16: bool = flag(False, "hold the teacher in bfloat16")
     # where fairseq-train resumes from (repairs/task_state_on_resume.py, repairs/start_checkpoint.py)
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
