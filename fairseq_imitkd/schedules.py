@@ -62,6 +62,12 @@ class BetaScheduleConfig(FairseqDataclass):
     max_update: int = II("optimization.max_update")
 
 
+def _check_curve(name: str) -> None:
+    if name not in SCHEDULES:
+        raise OptionError(f"--imitkd-beta-schedule: unknown beta schedule {name!r}; valid schedules: "
+                          f"{', '.join(SCHEDULES)}")
+
+
 class BetaSchedule:
     """ImitKD's β at every update: the curve, its warm-up, its clock, their checks and their state.
 
@@ -72,9 +78,7 @@ class BetaSchedule:
 
     def __init__(self, curve: str = "exponential", horizon: Optional[int] = None, base: float = 200.0,
                  constant: float = 0.0, warmup: int = 0, clock: Optional["AgreementClock"] = None):
-        if curve not in SCHEDULES:
-            raise OptionError(f"--imitkd-beta-schedule: unknown beta schedule {curve!r}; valid schedules: "
-                              f"{', '.join(SCHEDULES)}")
+        _check_curve(curve)
         if warmup < 0:
             raise OptionError(f"--imitkd-beta-warmup-updates must be >= 0, got {warmup}")
         check_range("imitkd-beta", constant, 0, 1)  # whatever the curve: a value given out of range is a mistake
@@ -175,8 +179,7 @@ def shape(schedule: str, progress: float, base: float = 200.0, constant: float =
         start, end = curve(0.0), curve(1.0)
         value = (curve(frac) - end) / (start - end)
     else:
-        raise OptionError(f"--imitkd-beta-schedule: unknown beta schedule {schedule!r}; valid schedules: "
-                          f"{', '.join(SCHEDULES)}")
+        _check_curve(schedule)
     return min(1.0, max(0.0, float(value)))
 
 
