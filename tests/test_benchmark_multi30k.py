@@ -82,7 +82,9 @@ def test_every_method_has_arguments_and_kd_methods_get_the_teacher():
     assert set(methods.MAIN_METHODS) <= set(methods.METHODS)
     for tier in methods.TIERS.values():
         assert all(len(tier["seeds"][m]) >= 2 for m in methods.MAIN_METHODS)
-        assert tier["validate_after"] <= tier["max_update"]
+        assert tier["max_update"] is None or tier["validate_after"] <= tier["max_update"]  # None: from the curve
+    for name, compared in methods.TIER_METHODS.items():
+        assert name in methods.TIERS and set(compared) <= set(methods.ALL)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -132,6 +134,63 @@ def test_competent_tier_continues_the_quick_scratch_student(tmp_path):
     # a smoke run continues a smoke run, not the real quick tier
     smoke = run.Context(run.parse_args(["--tier", "competent", "--workdir", str(tmp_path), "--max-update", "7"]))
     assert "quick_u7" in smoke.start_checkpoint(1)
+
+
+# --- the learning curve and the converged tier ----------------------------------------------------------
+
+def test_plateau_is_the_first_point_after_which_the_curve_never_rises_by_delta():
+    import curve
+
+    rising_then_flat = [(250, 10.0), (500, 20.0), (750, 25.0), (1000, 26.0), (1250, 26.2), (1500, 26.1), (1750, 26.25)]
+    assert curve.plateau(rising_then_flat, delta=0.3) == 1000  # after 1000: at most +0.25
+    assert curve.plateau(rising_then_flat, delta=1.5) == 750  # after 750: at most +1.25
+    assert curve.plateau(list(reversed(rising_then_flat)), delta=0.3) == 1000  # order does not matter
+    # a late rise past delta moves the plateau past the dip before it
+    assert curve.plateau([(1, 10.0), (2, 12.0), (3, 11.0), (4, 12.5)], delta=0.3) == 4
+
+
+def test_the_budget_is_the_later_plateau_of_the_seed_averaged_curves():
+    import curve
+
+    scratch = [{"250": 10.0, "500": 20.0, "750": 22.0, "1000": 22.1}, {"250": 12.0, "500": 22.0, "750": 24.0,
+                                                                       "1000": 24.1, "1250": 30.0}]
+    word_kd = [{"250": 15.0, "500": 25.0, "750": 25.1, "1000": 25.2}]
+    got = curve.choose_budget({"scratch": scratch, "word_kd": word_kd}, delta=0.3)
+    # scratch's seeds share 250-1000 (the second seed's 1250 is not averaged): 11, 21, 23, 23.1 -> 750
+    assert got["methods"]["scratch"]["mean_curve"] == [[250, 11.0], [500, 21.0], [750, 23.0], [1000, 23.1]]
+    assert got["methods"]["scratch"]["plateau_update"] == 750 and got["methods"]["word_kd"]["plateau_update"] == 500
+    assert got["budget_updates"] == 750 and not got["lower_bound"]
+    still_rising = curve.choose_budget({"word_kd": [{"1": 1.0, "2": 2.0, "3": 3.0}]}, delta=0.3)
+    assert still_rising["budget_updates"] == 3 and still_rising["lower_bound"]
+    with pytest.raises(ValueError, match="needs 3 or more"):
+        curve.choose_budget({"word_kd": [{"1": 1.0, "2": 2.0}]}, delta=0.3)
+
+
+def test_the_converged_tier_reads_its_budget_from_the_curve_or_says_how_to_measure_it(tmp_path, monkeypatch):
+    import curve
+
+    args = run.parse_args(["--tier", "converged", "--workdir", str(tmp_path)])
+    assert args.methods.split(",") == list(methods.TIER_METHODS["converged"])
+    missing = str(tmp_path / "curve.json")
+    monkeypatch.setattr(curve, "CURVE_JSON", missing)
+    with pytest.raises(SystemExit, match="run benchmarks/multi30k/run.py --tier curve"):
+        run.Context(args)
+    (tmp_path / "curve.json").write_text(json.dumps({"budget_updates": 3250}))
+    assert run.Context(args).tier["max_update"] == 3250
+    # a smoke run needs no curve
+    (tmp_path / "curve.json").unlink()
+    smoke = run.Context(run.parse_args(["--tier", "converged", "--workdir", str(tmp_path), "--max-update", "9"]))
+    assert smoke.tier["max_update"] == 9
+    assert run.parse_args(["--tier", "curve", "--workdir", str(tmp_path)]).methods == "scratch,word_kd"
+
+
+def test_parse_train_log_weighs_each_epochs_tokens_per_update_by_its_updates(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        _line("train", {"epoch": 1, "train_num_updates": "100", "train_train_wall": "10", "train_wpb": "8000"})
+        + _line("train", {"epoch": 2, "train_num_updates": "150", "train_train_wall": "5", "train_wpb": "5000"})
+    )
+    assert run.parse_train_log(str(log))["tokens_per_update"] == pytest.approx((100 * 8000 + 50 * 5000) / 150, abs=0.1)
 
 
 def test_fair_settings_are_shared():

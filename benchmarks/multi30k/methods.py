@@ -135,9 +135,22 @@ TIERS: Dict[str, dict] = {
                       start_from="quick:scratch", seeds={m: [1, 2, 3] for m in ALL}),
     "full": dict(max_update=8000, max_tokens=4096, warmup=1000, validate_every=500, validate_after=2000,
                  seeds={m: [1, 2, 3] for m in ALL}),
+    # curve: scratch and word_kd far past where they stop improving, validated often (curve.py reads the
+    # budget off their valid BLEU); converged: every method with that budget (max_update None: curve.json).
+    # Batches of 8,192 tokens: on a GPU the tiny student's step costs about the same at twice the tokens.
+    "curve": dict(max_update=6000, max_tokens=8192, warmup=500, validate_every=250, validate_after=250,
+                  seeds={m: [1, 2] for m in ALL}),
+    "converged": dict(max_update=None, max_tokens=8192, warmup=500, validate_every=250, validate_after=500,
+                      seeds={m: [1, 2, 3] for m in ALL}),
 }
 COMPETENT_METHODS = ("scratch", "word_kd", "seqkd", "imitkd_full", "imitkd_full_adaptive", "imitkd_token_adaptive",
                      "imitkd_adaptive", "imitkd_full_beta0")
+#: each tier's compared methods, where they are not all of METHODS
+TIER_METHODS = {
+    "competent": COMPETENT_METHODS,
+    "curve": ("scratch", "word_kd"),
+    "converged": ("scratch", "word_kd", "seqkd", "word_kd_cache", "imitkd_full_adaptive", "imitkd_token_adaptive"),
+}
 
 
 def method_args(method: str, teacher_args: List[str], tier: dict = None, caches: Dict[int, str] = None) -> List[str]:

@@ -4,6 +4,8 @@ From a clean checkout (with ``../shared`` beside it, or ``--text-dir``/``--teach
 
     OMP_NUM_THREADS=1 python benchmarks/multi30k/run.py --tier quick          # 2 CPU cores, about 3 h
     python benchmarks/multi30k/run.py --tier full --gpu                        # more updates and seeds
+    python benchmarks/multi30k/run.py --tier curve --gpu --skip-speed          # then curve.py, then:
+    python benchmarks/multi30k/run.py --tier converged --gpu --jobs 12         # budget from curve.json
 
 Steps, each cached in ``--workdir`` so that a rerun skips what is finished and resumes the rest
 (fairseq-train resumes from ``checkpoint_last.pt``, imitkd-seqkd from its finished shards). Finished
@@ -35,6 +37,7 @@ from typing import Callable, Dict, List
 
 import archive
 from archive import read_json, write_json
+import curve
 import data
 import evaluate
 import methods
@@ -70,7 +73,7 @@ def parse_args(argv=None):
                    help="train and evaluate only; time decoding in a later invocation, with nothing else running")
     args = p.parse_args(argv)
     if args.methods is None:
-        args.methods = ",".join(methods.COMPETENT_METHODS if args.tier == "competent" else methods.METHODS)
+        args.methods = ",".join(methods.TIER_METHODS.get(args.tier, methods.METHODS))
     unknown = sorted({m.partition("@")[0] for m in args.methods.split(",")} - set(methods.ALL))
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(methods.ALL)}")
@@ -95,6 +98,8 @@ class Context:
     def __init__(self, args):
         self.args = args
         self.tier = dict(methods.TIERS[args.tier])
+        if self.tier["max_update"] is None and not args.max_update:  # the converged tier: from the curve
+            self.tier["max_update"] = curve.read_budget()
         if args.max_update:
             self.tier["max_update"] = args.max_update
             self.tier["validate_after"] = min(self.tier["validate_after"], args.max_update)
@@ -213,8 +218,15 @@ def parse_train_log(path: str) -> dict:
     train_s = sum(float(r["train_train_wall"]) for r in epochs.values())  # time in train steps, no validation
     updates = max(int(float(r["train_num_updates"])) for r in epochs.values())
     bleus = {u: float(r["valid_bleu"]) for u, r in valid.items()}
+    # target tokens per update, each epoch weighted by its updates (the learning curve's x axis)
+    done, weighted = 0, 0.0
+    for epoch in sorted(epochs):
+        n = int(float(epochs[epoch]["train_num_updates"]))
+        weighted += float(epochs[epoch].get("train_wpb", "nan")) * (n - done)
+        done = n
     best_update = max(bleus, key=lambda u: (bleus[u], -u)) if bleus else None
     return dict(updates=updates, train_steps_s=round(train_s, 1), sec_per_update=round(train_s / updates, 4),
+                tokens_per_update=round(weighted / updates, 1) if weighted == weighted and updates else None,
                 valid_bleu_curve={str(u): b for u, b in sorted(bleus.items())},
                 val_bleu_selection=bleus.get(best_update), best_update=best_update)
 
