@@ -9,7 +9,9 @@
 # Run from the repository root on a machine with a CUDA torch. Where fairseq is not installed, it
 # installs what benchmarks/gpu/carry.sh packed into .devcarry/ (no registry needed). Budget: about
 # 8 minutes on one H200; STEP_LIMIT_* (seconds) bound each step; STEPS="cuda_tests ..." runs a subset;
-# PYTEST_ARGS adds pytest options (a -k selection for a rerun, say).
+# PYTEST_ARGS adds pytest options (a -k selection for a rerun, say). STEPS=converged runs the Multi30k
+# learning curve and the converged tier instead (see converged() below; results_converged.json, curve.json,
+# curve.png and multi30k.tar.gz with the run archive).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$REPO"
@@ -140,9 +142,24 @@ iwslt14_smoke() {
     bash examples/iwslt14_de_en/run_all.sh --local "$REPO/../shared/data/iwslt14_sample"
 }
 
+# Not in the default STEPS (STEPS="converged" runs it alone, after setup): the Multi30k learning curve,
+# the budget read off it (curve.py), then the converged tier, every run side by side on the one GPU.
+# CURVE_MAX_UPDATE / CONVERGED_MAX_UPDATE shorten either tier (a smoke run); *_JOBS set the processes.
+converged() {
+  local bench="$REPO/benchmarks/multi30k" work=/tmp/m30k-work out="$OUT/multi30k"
+  local curve_dir="$work/curve${CURVE_MAX_UPDATE:+_u$CURVE_MAX_UPDATE}"
+  mkdir -p "$out"
+  python3 "$bench/run.py" --tier curve --gpu --jobs "${CURVE_JOBS:-4}" --skip-speed --workdir "$work" \
+    --out-dir "$out" ${CURVE_MAX_UPDATE:+--max-update "$CURVE_MAX_UPDATE"} || return 1
+  python3 "$bench/curve.py" --tier-dir "$curve_dir" --out "$bench/curve.json" || return 1
+  cp "$bench/curve.json" "$out/"; cp "$bench/curve.png" "$out/" 2>/dev/null
+  python3 "$bench/run.py" --tier converged --gpu --jobs "${CONVERGED_JOBS:-12}" --workdir "$work" \
+    --out-dir "$out" ${CONVERGED_MAX_UPDATE:+--max-update "$CONVERGED_MAX_UPDATE"}
+}
+
 LOGS_DIR="$LOGS"
 export REPO OUT LOGS_DIR
-export -f setup environment speed cuda_tests iwslt14_smoke
+export -f setup environment speed cuda_tests iwslt14_smoke converged
 step setup "${STEP_LIMIT_SETUP:-120}" setup
 step environment 60 environment
 step speed "${STEP_LIMIT_SPEED:-310}" speed
@@ -158,6 +175,11 @@ for name in cuda_tests iwslt14_smoke; do  # their records were made in subshells
   RC[$name]="$(echo "$line" | sed 's/.*exit \([0-9]*\) after.*/\1/')"
   DUR[$name]="$(echo "$line" | sed 's/.* after \([0-9]*\)s/\1/')"
 done
+step converged "${STEP_LIMIT_CONVERGED:-480}" converged
+if [ -d "$OUT/multi30k" ]; then  # the tool brings back 8 files: the results and curve apart, the rest packed
+  cp "$OUT"/multi30k/results_converged*.json "$OUT"/multi30k/curve.json "$OUT"/multi30k/curve.png "$OUT/" 2>/dev/null
+  tar czf "$OUT/multi30k.tar.gz" -C "$OUT" multi30k && rm -rf "$OUT/multi30k"
+fi
 cp "$LOGS/cuda_tests.log" "$OUT/pytest.log" 2>/dev/null
 cp /tmp/iwslt14-smoke/results/*.md "$LOGS/" 2>/dev/null
 
