@@ -182,6 +182,11 @@ def test_the_converged_tier_reads_its_budget_from_the_curve_or_says_how_to_measu
     smoke = run.Context(run.parse_args(["--tier", "converged", "--workdir", str(tmp_path), "--max-update", "9"]))
     assert smoke.tier["max_update"] == 9
     assert run.parse_args(["--tier", "curve", "--workdir", str(tmp_path)]).methods == "scratch,word_kd"
+    # a shortened curve still validates four times; other tiers' smoke runs validate once, at the end
+    short = run.Context(run.parse_args(["--tier", "curve", "--workdir", str(tmp_path), "--max-update", "40"])).tier
+    assert (short["validate_after"], short["validate_every"]) == (10, 10)
+    quick = run.Context(run.parse_args(["--workdir", str(tmp_path), "--max-update", "40"])).tier
+    assert (quick["validate_after"], quick["validate_every"]) == (40, 40)
 
 
 def test_parse_train_log_weighs_each_epochs_tokens_per_update_by_its_updates(tmp_path):

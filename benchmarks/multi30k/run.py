@@ -102,8 +102,10 @@ class Context:
             self.tier["max_update"] = curve.read_budget()
         if args.max_update:
             self.tier["max_update"] = args.max_update
-            self.tier["validate_after"] = min(self.tier["validate_after"], args.max_update)
-            self.tier["validate_every"] = min(self.tier["validate_every"], args.max_update)
+            # a shortened curve still needs its points: it validates at least curve_points times
+            every = max(1, args.max_update // self.tier.get("curve_points", 1))
+            self.tier["validate_after"] = min(self.tier["validate_after"], every)
+            self.tier["validate_every"] = min(self.tier["validate_every"], every)
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         self.seeds = {}
         for item in args.methods.split(","):
