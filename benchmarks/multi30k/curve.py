@@ -142,6 +142,10 @@ def main(argv=None) -> int:
         f.write("\n")
     if plot.available():
         draw(result, os.path.splitext(args.out)[0] + ".png")
+    flat = [m for m, r in result["methods"].items() if max(b for _, b in r["mean_curve"]) < 1.0]
+    if flat:  # a curve that never left zero has no plateau to read, only a start
+        print(f"curve.py: warning: {', '.join(flat)} never reached 1 valid BLEU; the budget means nothing "
+              "until they learn (train longer)", file=sys.stderr)
     print(json.dumps({k: v for k, v in result.items() if k != "methods"}))
     return 0
 
