@@ -314,6 +314,25 @@ def test_imitkd_full_from_the_cache_is_the_online_top_k_loss(toy_data, teacher, 
     assert results["cached"][1] == results["online"][1]
 
 
+def test_imitkd_trains_from_the_cache_through_fairseq_train(toy_data, teacher, cache, tmp_path):
+    """fairseq-train with ImitKD+Full at β = 1 from the cache logs the losses of the online top-K run."""
+    logs = {}
+    for name, extra in (("cached", ["--kd-teacher-cache", cache]), ("online", ["--kd-teacher-topk", str(K)])):
+        save = tmp_path / name
+        save.mkdir()
+        fairseq_train(toy_data, "--task", "distillation", "--teacher-path", teacher, *IMITKD, "--imitkd-beta", "1",
+                      *extra, *STUDENT, *COMMON_TRAIN, "--max-update", "4", "--log-interval", "2",
+                      "--save-dir", save, "--log-file", save / "log.txt", "--no-save")
+        logs[name] = read_json_log(save / "log.txt", "train_inner")
+    keys = ("loss", "kd_loss", "kd_agree")
+    assert len(logs["cached"]) == 2
+    for cached, online in zip(logs["cached"], logs["online"]):
+        assert cached["kd_agree"] == online["kd_agree"]
+        for k in ("loss", "kd_loss"):
+            assert float(cached[k]) == pytest.approx(float(online[k]), rel=2e-3), (k, cached, online)
+    assert set(keys) <= set(logs["cached"][0])
+
+
 @pytest.mark.parametrize("extra,match", [(["--imitkd-mix", "token"], "--imitkd-mix sequence"),
                                          (["--imitkd-target", "argmax"], "--imitkd-target full")])
 def test_imitkd_refuses_a_cache_it_would_not_read(toy_data, teacher, cache, extra, match):
