@@ -212,10 +212,11 @@ class AgreementClock:
 
     def __init__(self, low: float = 0.45, high: float = 0.6, momentum: float = 0.95):
         if not 0.0 <= low < high <= 1.0:
-            raise OptionError(f"--imitkd-agree-low/--imitkd-agree-high: the agreement clock needs 0 <= low < high <= 1, "
-                              f"got low={low}, high={high}")
+            raise OptionError(f"--imitkd-agree-low/--imitkd-agree-high: the agreement clock needs "
+                              f"0 <= low < high <= 1, got low={low}, high={high}")
         if not 0.0 <= momentum < 1.0:
-            raise OptionError(f"--imitkd-agree-momentum: the agreement clock's momentum must be in [0, 1), got {momentum}")
+            raise OptionError(f"--imitkd-agree-momentum: the agreement clock's momentum must be in [0, 1), "
+                              f"got {momentum}")
         self.low, self.high, self.momentum = low, high, momentum
         self.ema: Optional[float] = None
         self.progress = 0.0

@@ -21,8 +21,8 @@ exactly as in eager mode. On CPU the same step runs eagerly and attends to the `
 positions only.
 
 The generation rules are ``SequenceGenerator``'s at beam 1, shared with ``rollout.py``
-(``rollout_steps.py``: ``apply_generation_rules``, ``_greedy``, ``_sample``; ``rollout.max_rollout_len``). In float32 the greedy
-tokens equal ``SequenceGenerator``'s except where a reordered float sum flips a near-tie; sampled
+(``rollout_steps.py``: ``apply_generation_rules``, ``_greedy``, ``_sample``; ``rollout.max_rollout_len``).
+In float32 the greedy tokens equal ``SequenceGenerator``'s except where a reordered float sum flips a near-tie; sampled
 rollouts are seeded and repeatable, but not the exact engine's draws (that one shrinks the batch, so
 ``torch.multinomial`` sees other shapes).
 

@@ -32,8 +32,7 @@ from .artifacts import pending, write_json
 from .errors import ImitKDError
 from .losses import tail_mass
 from .teacher import (RowKeys, TeacherBase, TeacherScores, check_teacher_files, check_teacher_paths,
-                      dictionary_fingerprint, file_identity,
-                      load_teacher, split_teacher_paths, translation_task)
+                      dictionary_fingerprint, file_identity, load_teacher, split_teacher_paths, translation_task)
 
 logger = logging.getLogger(__name__)
 
@@ -354,6 +353,11 @@ class TeacherCache:
         return self._splits[name]
 
 
+def _buckets(values: Tensor, index: Tensor, tail: Tensor) -> TeacherScores:
+    """The top-k log-probs and the tail as ``(N, K+1)`` buckets, with the tokens they belong to."""
+    return TeacherScores(torch.cat([values, tail.unsqueeze(-1)], -1), index)
+
+
 class CachedTeacher(TeacherBase):
     """The teacher behind the same seam as a live one: the rows a cache holds come from its files, the rest
     (rolled-out prefixes, a split it lacks) from the live teacher, loaded only if ever asked.
@@ -394,12 +398,11 @@ class CachedTeacher(TeacherBase):
 
     def _from_files(self, keys: RowKeys, counts: Tensor, device: torch.device) -> TeacherScores:
         values, index, tail = self.cache.split(keys.split, self._dataset(keys.split)).rows(keys.ids, counts)
-        return TeacherScores(torch.cat([values, tail.unsqueeze(-1)], -1).to(device), index.to(device))
+        return _buckets(values.to(device), index.to(device), tail.to(device))
 
     def _from_live(self, src_tokens, src_lengths, prev_output_tokens, mask) -> TeacherScores:
         lprobs = self._live(mask.device).scores(src_tokens, src_lengths, prev_output_tokens, mask).lprobs
-        values, index, tail = topk_and_tail(lprobs, self.cache.k)
-        return TeacherScores(torch.cat([values, tail.unsqueeze(-1)], -1), index)
+        return _buckets(*topk_and_tail(lprobs, self.cache.k))
 
     def inference(self):
         """A cache cannot decode: rollouts that let the teacher act get the live teacher's models."""

@@ -18,12 +18,12 @@ from omegaconf import II
 
 from .. import rollout as rollouts
 from ..errors import OptionError
+from ..flags import check_range, flag
 from ..losses import IMITKD_TARGETS, imitkd_loss
 from ..rollout import Rollout, rollout
 from ..schedules import BetaSchedule, BetaScheduleConfig
 from ..scoring import length_groups, scored_log_probs
 from ..teacher import TeacherScores
-from ..flags import check_range, flag
 from .kd_criterion import KDCriterion, KDDivergenceConfig, summed
 
 #: what ``--imitkd-mix`` chooses between: whole rows (the paper) or single steps (DAgger-style)
@@ -58,6 +58,11 @@ class ImitKDConfig(BetaScheduleConfig, KDDivergenceConfig):
                                                   "(transformer models; others fall back to exact); auto: static on "
                                                   "CUDA, exact on CPU")
     sentence_avg: bool = II("optimization.sentence_avg")
+
+
+def _take(x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """The rows ``rows`` of ``x`` (None: all of them, uncopied), as ``scoring.length_groups`` names them."""
+    return x if rows is None else x[rows]
 
 
 @dataclass
@@ -95,7 +100,7 @@ class Prefixes:
         """The rows ``rows`` (None: all), cut to ``width``."""
         pick = (lambda x: x[:, :width]) if rows is None else (lambda x: x[rows, :width])
         mask = pick(self.mask)
-        on_policy = self.on_policy if rows is None else self.on_policy[rows]
+        on_policy = _take(self.on_policy, rows)
         return PrefixGroup(pick(self.prev), mask, pick(self.next_tokens)[mask],
                            on_policy.unsqueeze(1).expand_as(mask)[mask])
 
@@ -178,14 +183,13 @@ class ImitKDCriterion(KDCriterion):
         loss, n_agree, parts = 0.0, 0, []
         for rows, width in length_groups(prefixes.mask.sum(1)):
             group = prefixes.group(rows, width)
-            src = net_input["src_tokens"] if rows is None else net_input["src_tokens"][rows]
-            src_len = net_input["src_lengths"] if rows is None else net_input["src_lengths"][rows]
+            src, src_len = _take(net_input["src_tokens"], rows), _take(net_input["src_lengths"], rows)
             if prefixes.rollout is not None:  # token mixing: the rollout holds the teacher's targets
                 ro = prefixes.rollout
                 targets = TeacherScores(ro.teacher_lprobs_at(rows) if ro.teacher_lprobs is not None else None,
-                                        actions=group.at(ro.teacher_argmax if rows is None else ro.teacher_argmax[rows]))
+                                        actions=group.at(_take(ro.teacher_argmax, rows)))
             else:
-                targets = teacher.scores(src, src_len, group.prev, group.mask, keys[rows] if keys else None)
+                targets = teacher.scores(src, src_len, group.prev, group.mask, keys and keys[rows])
             student = scored_log_probs(model, src, src_len, group.prev, group.mask)
             n_agree = n_agree + (student.argmax(-1) == targets.argmax).sum().data
             if self.divergence == "atkd":
@@ -270,6 +274,7 @@ class ImitKDCriterion(KDCriterion):
         # every prefix is (partly) rolled out: every target is the teacher's action
         on_policy = ro.tokens.new_ones(ro.tokens.size(0), dtype=torch.bool)
         return Prefixes(ro.prev_output_tokens, ro.tokens, on_policy, self.padding_idx, stats, rollout=ro)
+
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)

@@ -10,7 +10,6 @@ from fairseq import utils
 from fairseq.criterions import FairseqCriterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
-
 from omegaconf import II
 
 from ..errors import OptionError

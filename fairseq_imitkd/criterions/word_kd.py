@@ -5,9 +5,9 @@ from fairseq.criterions import register_criterion
 from omegaconf import II
 
 from ..errors import OptionError
+from ..flags import check_range, flag
 from ..losses import word_kd_loss
 from ..scoring import scored_log_probs
-from ..flags import check_range, flag
 from .kd_criterion import KDCriterion, KDDivergenceConfig
 
 
@@ -41,7 +41,7 @@ class WordKDCriterion(KDCriterion):
         self.sentence_avg = sentence_avg
         self.set_divergence(kd_divergence, kd_jsd_beta, kd_atkd_alpha, kd_teacher_topk, kd_teacher_cache,
                             train_subset, valid_subset)
-        if self.cached_teacher is not None:  # gold prefixes only: the live teacher is needed where a split is not cached
+        if self.cached_teacher is not None:  # the live teacher answers for a split the cache lacks
             cache = self.cached_teacher.cache
             if not cache.has(valid_subset) and not task.cfg.teacher_path:
                 raise OptionError(f"the teacher cache {kd_teacher_cache} holds no {valid_subset!r} split to validate "
